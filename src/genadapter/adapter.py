@@ -1,0 +1,316 @@
+"""GenerativeAdapter: the public API — absorb a context into a state, answer with it, export it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import GeneratorConfig
+from .errors import GenAdapterError, IncompatibleStateError
+from .fileio import write_dir_atomic
+from .generator import AdapterGenerator
+from .inject import AdapterInjector
+from .models import EMBEDDED_MODEL, load_base
+from .state import ContextState
+
+log = logging.getLogger(__name__)
+
+SHIPPED_GENERATOR = Path(__file__).parent / "assets" / EMBEDDED_MODEL
+Context = str | Sequence[str] | Sequence[int] | Tensor
+StateArg = ContextState | Sequence[ContextState | None] | None
+
+
+class GenerativeAdapter:
+    """A frozen causal LM plus a generator that turns contexts into adapters in one forward pass."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        generator: AdapterGenerator,
+        base_name: str,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generator = generator.to(model.device)
+        self.base_name = base_name
+        self.injector = AdapterInjector(model, self.generator)
+        self.refresh_fingerprint()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | None = None,
+        generator: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        config: GeneratorConfig | None = None,
+    ) -> GenerativeAdapter:
+        """Load a base LM (default: embedded SmolLM2) and a generator directory.
+
+        Without `generator`, the embedded model gets the generator shipped with the package; any other
+        base gets an *untrained* generator (zero B: the adapter changes nothing) and a loud warning.
+        """
+        base_name, model, tokenizer = load_base(base, dtype=dtype, device=device)
+        if (
+            generator is None
+            and base_name == EMBEDDED_MODEL
+            and (SHIPPED_GENERATOR / "generator.safetensors").is_file()
+        ):
+            generator = SHIPPED_GENERATOR
+        if generator is not None:
+            gen = AdapterGenerator.load(generator, model)
+        else:
+            log.warning(
+                "UNTRAINED GENERATOR: no trained generator for %s; adapters will not change the model's answers",
+                base_name,
+            )
+            gen = AdapterGenerator.for_model(model, config or GeneratorConfig(base_model=base_name))
+        return cls(model, tokenizer, gen, base_name)
+
+    @property
+    def config(self) -> GeneratorConfig:
+        return self.generator.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def refresh_fingerprint(self) -> str:
+        """Recompute the generator hash (call after changing its weights, e.g. in training)."""
+        self.fingerprint = self.generator.fingerprint()
+        return self.fingerprint
+
+    # ---- contexts -> states -------------------------------------------------------------------
+
+    def tokenize_context(self, context: Context) -> list[list[int]]:
+        """Documents as token-id lists: a str, a list of str (one document each), or token ids."""
+        if isinstance(context, Tensor):
+            context = context.tolist()
+        if isinstance(context, str):
+            docs = [context]
+        elif isinstance(context, Sequence) and all(isinstance(d, str) for d in context):
+            docs = list(context)
+        elif isinstance(context, Sequence) and all(isinstance(t, int) for t in context):
+            return [list(context)] if context else []
+        else:
+            raise GenAdapterError("context must be a string, a list of strings or a list of token ids")
+        docs = [d for d in docs if d.strip()]
+        if not docs:
+            return []
+        return [ids for ids in self.tokenizer(docs, add_special_tokens=False)["input_ids"] if ids]
+
+    def chunk(self, documents: list[list[int]]) -> list[list[int]]:
+        """Split each document into chunks of w tokens; chunks never cross documents."""
+        w = self.config.chunk_size
+        return [doc[i : i + w] for doc in documents for i in range(0, len(doc), w)]
+
+    def pad(self, sequences: Sequence[Sequence[int]], side: str = "right") -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask), both (N, T_max)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+            ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, span] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def encode_chunks(self, chunks: Sequence[Sequence[int]]) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Frozen-LM hidden states of independently encoded chunks (positions restart at 0).
+
+        Returns (hidden_states, mask): hidden_states[l] (N, T, d) enters decoder layer l."""
+        ids, mask = self.pad(chunks)
+        with self.injector.activate(None):
+            out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return out.hidden_states, mask
+
+    def empty_state(self) -> ContextState:
+        r1, r2 = self.config.key_dim, self.config.value_dim
+        return ContextState(
+            sums={name: torch.zeros(r1, r2) for name in self.generator.module_names},
+            num_tokens=0,
+            base_model=self.base_name,
+            generator_fingerprint=self.fingerprint,
+            generator_config=self.config.to_dict(),
+        )
+
+    @torch.no_grad()
+    def absorb(self, context: Context, batch_size: int = 8, progress: bool | None = None) -> ContextState:
+        """Turn a context into a state in one frozen forward per batch of chunks (O(batch) memory)."""
+        if batch_size < 1:
+            raise GenAdapterError("batch_size must be at least 1")
+        chunks = self.chunk(self.tokenize_context(context))
+        if not chunks:
+            raise GenAdapterError("the context is empty: nothing to absorb")
+        state = self.empty_state()
+        starts = range(0, len(chunks), batch_size)
+        show = len(starts) > 1 if progress is None else progress
+        for start in tqdm(starts, desc="absorbing", unit="batch", disable=not show):
+            batch = chunks[start : start + batch_size]
+            hidden, mask = self.encode_chunks(batch)
+            for name, per_chunk in self.generator.chunk_states(hidden, mask).items():
+                state.sums[name] += per_chunk.sum(0).cpu()
+            state.num_tokens += sum(len(c) for c in batch)
+        return state
+
+    # ---- states -> adapters -------------------------------------------------------------------
+
+    def check_state(self, state: ContextState) -> None:
+        if state.generator_fingerprint != self.fingerprint or state.base_model != self.base_name:
+            raise IncompatibleStateError(
+                f"state was made by generator {state.generator_fingerprint} on {state.base_model}; "
+                f"this is generator {self.fingerprint} on {self.base_name}"
+            )
+
+    def normalized(self, state: ContextState) -> dict[str, Tensor]:
+        """Normalised S~ per module, (R1, R2) each."""
+        self.check_state(state)
+        sums = {k: v.to(self.device) for k, v in state.sums.items()}
+        with torch.no_grad():
+            return self.generator.normalize(sums)
+
+    def batch_adapters(self, states: StateArg, batch: int) -> dict[str, Tensor] | None:
+        """Stack per-row normalised states to (N, R1, R2); None rows get no adapter (zeros)."""
+        if states is None:
+            return None
+        if isinstance(states, ContextState):
+            return {k: v.unsqueeze(0) for k, v in self.normalized(states).items()}
+        if len(states) != batch:
+            raise GenAdapterError(f"got {len(states)} states for {batch} prompts")
+        zeros = torch.zeros(self.config.key_dim, self.config.value_dim, device=self.device)
+        rows = [self.normalized(s) if s is not None else None for s in states]
+        return {
+            name: torch.stack([row[name] if row is not None else zeros for row in rows])
+            for name in self.generator.module_names
+        }
+
+    @contextmanager
+    def adapted(self, states: StateArg, batch: int = 1) -> Iterator[None]:
+        """Run the LM with one adapter for all rows, or one per row, inside the block."""
+        with self.injector.activate(self.batch_adapters(states, batch)):
+            yield
+
+    def merge(self, state: ContextState) -> None:
+        """Write the adapter into the weights: zero overhead until unmerge()."""
+        self.injector.merge(self.normalized(state))
+
+    def unmerge(self) -> None:
+        """Restore the exact original weights."""
+        self.injector.unmerge()
+
+    @contextmanager
+    def merged(self, state: ContextState) -> Iterator[None]:
+        self.merge(state)
+        try:
+            yield
+        finally:
+            self.unmerge()
+
+    # ---- prompting ----------------------------------------------------------------------------
+
+    def format_prompt(self, prompt: str, chat: bool = True) -> str:
+        """The prompt as the model sees it: in its chat template when it has one."""
+        if chat and self.tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt
+
+    def _as_batch(self, prompts: str | Sequence[str]) -> tuple[list[str], bool]:
+        if isinstance(prompts, str):
+            return [prompts], True
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise GenAdapterError("prompts must be a string or a non-empty list of strings")
+        return list(prompts), False
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        state: StateArg = None,
+        max_new_tokens: int = 64,
+        chat: bool = True,
+        **generate_kwargs,
+    ) -> str | list[str]:
+        """Greedy (by default) answers; a list of states gives each prompt its own adapter."""
+        batch, single = self._as_batch(prompts)
+        encoded = [self.tokenizer(self.format_prompt(p, chat), add_special_tokens=False)["input_ids"] for p in batch]
+        ids, mask = self.pad(encoded, side="left")
+        generate_kwargs.setdefault("do_sample", False)
+        with self.adapted(state, len(batch)):
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+        answers = [a.strip() for a in self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
+        return answers[0] if single else answers
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, state: StateArg = None) -> Tensor:
+        """Next-token logits (N, T, vocab) of the adapted LM."""
+        with self.adapted(state, input_ids.shape[0]):
+            return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask).logits
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: str | Sequence[str],
+        continuations: str | Sequence[str],
+        state: StateArg = None,
+        chat: bool = True,
+    ) -> list[float]:
+        """Sum of log-probabilities of each continuation after its (formatted) prompt."""
+        batch, _ = self._as_batch(prompts)
+        conts, _ = self._as_batch(continuations)
+        if len(batch) != len(conts):
+            raise GenAdapterError(f"got {len(batch)} prompts and {len(conts)} continuations")
+        heads = [self.tokenizer(self.format_prompt(p, chat), add_special_tokens=False)["input_ids"] for p in batch]
+        tails = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
+        ids, mask = self.pad([h + t for h, t in zip(heads, tails, strict=True)])
+        logprobs = self.logits(ids, mask, state).float().log_softmax(-1)
+        scores = []
+        for row, (head, tail) in enumerate(zip(heads, tails, strict=True)):
+            positions = torch.arange(len(head) - 1, len(head) + len(tail) - 1, device=self.device)
+            targets = ids[row, len(head) : len(head) + len(tail)]
+            scores.append(logprobs[row, positions, targets].sum().item())
+        return scores
+
+    # ---- export -------------------------------------------------------------------------------
+
+    def export_peft(self, state: ContextState, directory: str | Path) -> None:
+        """Write the adapter as a standard PEFT LoRA directory (rank r, scaling α/R2)."""
+        from peft import LoraConfig
+
+        rank, scale = self.generator.export_rank(), self.config.scale
+        weights = {}
+        for name, normalized in self.normalized(state).items():
+            lora_a, lora_b = self.generator.block(name).lora_factors(normalized, rank, scale)
+            weights[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous().cpu()
+            weights[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous().cpu()
+        lora_config = LoraConfig(
+            r=rank,
+            lora_alpha=scale * rank,
+            target_modules=list(self.config.target_modules),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.base_name,
+        )
+
+        def write(tmp: Path) -> None:
+            lora_config.save_pretrained(str(tmp))
+            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+        write_dir_atomic(directory, write)

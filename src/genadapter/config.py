@@ -1,0 +1,70 @@
+"""Typed configuration of an adapter generator; saved as JSON next to every generator."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import GenAdapterError
+
+NORMALIZATIONS = ("svd", "frobenius")
+
+
+@dataclass
+class GeneratorConfig:
+    """Shape and behaviour of the adapter generator G (DESIGN §1)."""
+
+    target_modules: list[str] = field(
+        default_factory=lambda: ["o_proj", "down_proj"],
+        metadata={"help": "Suffixes of the nn.Linear modules to adapt, e.g. 'o_proj', 'down_proj'."},
+    )
+    key_dim: int = field(default=128, metadata={"help": "R1: width of the keys K = norm(H) A2^T (rows of S)."})
+    value_dim: int = field(default=128, metadata={"help": "R2: width of the values V = norm(H) A3^T (cols of S)."})
+    rank: int = field(default=128, metadata={"help": "r: rank kept by the SVD normalisation (<= min(R1, R2))."})
+    alpha: float = field(default=64.0, metadata={"help": "Adapter scale; the update is (alpha / R2) B S~^T A1."})
+    chunk_size: int = field(default=256, metadata={"help": "w: tokens per independently encoded context chunk."})
+    normalization: str = field(
+        default="svd",
+        metadata={"help": "'svd': S~ = U_r V_r^T (paper); 'frobenius': S / ||S||_F (ablation)."},
+    )
+    norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the per-module RMSNorm on H."})
+    base_model: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Base LM this generator was built for; states record it and refuse other models."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random initialisation of A1, A2, A3."})
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise GenAdapterError("GeneratorConfig.target_modules must name at least one module")
+        if min(self.key_dim, self.value_dim, self.rank, self.chunk_size) < 1:
+            raise GenAdapterError("key_dim, value_dim, rank and chunk_size must be positive")
+        if self.rank > min(self.key_dim, self.value_dim):
+            raise GenAdapterError(
+                f"rank {self.rank} exceeds min(key_dim, value_dim) = {min(self.key_dim, self.value_dim)}"
+            )
+        if self.normalization not in NORMALIZATIONS:
+            raise GenAdapterError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.value_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GeneratorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise GenAdapterError(f"unknown generator config keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GeneratorConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,59 @@
+"""Atomic file writes: an output file is either complete or absent, never half-written."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import GenAdapterError
+
+
+def _describe(exc: OSError, target: Path) -> GenAdapterError:
+    if exc.errno == errno.ENOSPC:
+        return GenAdapterError(f"no space left on device while writing {target}")
+    return GenAdapterError(f"cannot write {target}: {exc.strerror or exc}")
+
+
+def write_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_path) on a temporary file next to target, then rename it into place."""
+    target = Path(target)
+    if target.is_dir():
+        raise GenAdapterError(f"{target} is a directory")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise GenAdapterError(f"directory {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise _describe(exc, target) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_dir_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
+    """Like write_atomic for a directory: build it beside target, then swap it in."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise GenAdapterError(f"{target} exists and is not a directory")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise GenAdapterError(f"directory {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise _describe(exc, target) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,216 @@
+"""The adapter generator G (DESIGN §1): frozen hidden states -> state S -> normalised S~ -> ΔW.
+
+For an adapted linear y = W x in decoder layer l, with H the hidden states entering layer l:
+    Ĥ = RMSNorm_γ(H);  K = Ĥ A2ᵀ (M×R1);  V = Ĥ A3ᵀ (M×R2);  S = Σ_tokens Kᵀ V (R1×R2)
+    S~ = U_r V_rᵀ (SVD, singular values set to 1)  or  S / ||S||_F
+    ΔW = (α / R2) · B S~ᵀ A1   (d_out×d_in), B zero-initialised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import GeneratorConfig
+from .errors import GenAdapterError, ModelLoadError
+
+CONFIG_FILE = "generator_config.json"
+WEIGHTS_FILE = "generator.safetensors"
+
+
+class _SVDNormalize(torch.autograd.Function):
+    """S -> U_r V_rᵀ with a backward that stays finite when singular values coincide.
+
+    The exact SVD gradient has 1/(σᵢ² − σⱼ²) terms and turns to NaN on the rank-deficient states of
+    short chunks. The polar factor U Vᵀ has a gradient with only 1/(σᵢ + σⱼ) terms, finite for any
+    repeated non-zero singular values; we use it on the kept subspace and treat the choice of that
+    subspace as fixed. This is the exact gradient whenever nothing is truncated (rank == min(R1, R2)
+    and S has full rank), and a bounded approximation otherwise. Forward is exact, so training and
+    inference compute the same adapter.
+    """
+
+    @staticmethod
+    def forward(ctx, S: Tensor, rank: int) -> Tensor:  # S: (..., R1, R2)
+        U, sigma, Vh = torch.linalg.svd(S, full_matrices=False)
+        U, sigma, Vh = U[..., :rank], sigma[..., :rank], Vh[..., :rank, :]
+        tol = sigma[..., :1].clamp_min(torch.finfo(S.dtype).tiny) * max(S.shape[-2:]) * torch.finfo(S.dtype).eps
+        keep = (sigma > tol).to(S.dtype)  # (..., r): numerically zero directions stay zero
+        U = U * keep.unsqueeze(-2)
+        ctx.save_for_backward(U, sigma, Vh, keep)
+        return U @ Vh
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        U, sigma, Vh = ctx.saved_tensors[:3]
+        keep = ctx.saved_tensors[3]
+        g = U.transpose(-1, -2) @ grad @ Vh.transpose(-1, -2)  # (..., r, r)
+        pair = keep.unsqueeze(-1) * keep.unsqueeze(-2)
+        denom = (sigma.unsqueeze(-1) + sigma.unsqueeze(-2)).clamp_min(torch.finfo(sigma.dtype).tiny)
+        inner = (g - g.transpose(-1, -2)) / denom * pair
+        return U @ inner @ Vh, None
+
+
+def normalize_state(S: Tensor, config: GeneratorConfig) -> Tensor:
+    """Normalised state S~ (..., R1, R2); computed in fp32 or fp64, never in half precision."""
+    if S.dtype in (torch.float16, torch.bfloat16):
+        S = S.float()
+    if config.normalization == "svd":
+        return _SVDNormalize.apply(S, config.rank)
+    norm = torch.linalg.matrix_norm(S).clamp_min(1e-12)
+    return S / norm[..., None, None]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where an adapted linear sits in the LM and its shape."""
+
+    layer: int
+    in_features: int
+    out_features: int
+
+
+class ModuleGenerator(nn.Module):
+    """Generator parameters γ, A1, A2, A3, B of one adapted linear module."""
+
+    def __init__(self, hidden_size: int, spec: TargetSpec, config: GeneratorConfig, rng: torch.Generator):
+        super().__init__()
+        r1, r2 = config.key_dim, config.value_dim
+        self.eps = config.norm_eps
+        self.gamma = nn.Parameter(torch.ones(hidden_size))
+        self.A1 = nn.Parameter(torch.randn(r1, spec.in_features, generator=rng) / spec.in_features**0.5)
+        self.A2 = nn.Parameter(torch.randn(r1, hidden_size, generator=rng) / hidden_size**0.5)
+        self.A3 = nn.Parameter(torch.randn(r2, hidden_size, generator=rng) / hidden_size**0.5)
+        self.B = nn.Parameter(torch.zeros(spec.out_features, r2))
+
+    def chunk_state(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Per-chunk states Σ_t K_tᵀ V_t: hidden (N, T, d), mask (N, T) -> (N, R1, R2)."""
+        h = hidden.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.gamma
+        h = h * mask.unsqueeze(-1).to(h.dtype)
+        keys, values = h @ self.A2.T, h @ self.A3.T
+        return keys.transpose(-1, -2) @ values
+
+    def delta(self, x: Tensor, normalized: Tensor, scale: float) -> Tensor:
+        """ΔW x for each row: x (N, T, d_in), normalized (N or 1, R1, R2) -> (N, T, d_out)."""
+        z = (x.to(self.A1.dtype) @ self.A1.T) @ normalized.to(self.A1.dtype)
+        return scale * (z @ self.B.T)
+
+    def delta_weight(self, normalized: Tensor, scale: float) -> Tensor:
+        """Dense ΔW = scale · B S~ᵀ A1 (d_out, d_in) for merging into the base weight."""
+        return scale * (self.B @ normalized.to(self.B.dtype).T @ self.A1)
+
+    def lora_factors(self, normalized: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+        """Exact rank-`rank` factors with ΔW = scale · lora_B @ lora_A (PEFT layout)."""
+        U, sigma, Vh = torch.linalg.svd(normalized.float(), full_matrices=False)
+        U, sigma, Vh = U[:, :rank], sigma[:rank], Vh[:rank]
+        lora_a = U.T @ self.A1.float()  # (r, d_in)
+        lora_b = self.B.float() @ (Vh.T * sigma)  # (d_out, r)
+        return lora_a, lora_b
+
+
+def _layer_index(name: str) -> int:
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    if match is None:
+        raise GenAdapterError(f"cannot tell which decoder layer module {name!r} belongs to")
+    return int(match.group(1))
+
+
+def find_targets(model: nn.Module, config: GeneratorConfig) -> dict[str, TargetSpec]:
+    """Map adapted module names (e.g. 'model.layers.3.self_attn.o_proj') to their layer and shape."""
+    targets, suffixes = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            suffix = name.rsplit(".", 1)[-1]
+            suffixes.add(suffix)
+            if suffix in config.target_modules:
+                targets[name] = TargetSpec(_layer_index(name), module.in_features, module.out_features)
+    missing = set(config.target_modules) - {n.rsplit(".", 1)[-1] for n in targets}
+    if missing:
+        raise GenAdapterError(
+            f"target modules {sorted(missing)} not found in the model; its linear modules are {sorted(suffixes)}"
+        )
+    return targets
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "/")  # nn.ModuleDict keys may not contain '.'
+
+
+class AdapterGenerator(nn.Module):
+    """All per-module generators of one LM, plus the config that shaped them."""
+
+    def __init__(self, config: GeneratorConfig, targets: dict[str, TargetSpec], hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.targets = dict(targets)
+        self.hidden_size = hidden_size
+        rng = torch.Generator().manual_seed(config.seed)
+        self.blocks = nn.ModuleDict(
+            {_key(name): ModuleGenerator(hidden_size, spec, config, rng) for name, spec in self.targets.items()}
+        )
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: GeneratorConfig) -> AdapterGenerator:
+        hidden_size = model.config.get_text_config().hidden_size
+        return cls(config, find_targets(model, config), hidden_size)
+
+    def block(self, name: str) -> ModuleGenerator:
+        return self.blocks[_key(name)]
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.targets)
+
+    def chunk_states(self, hidden_states: Sequence[Tensor], mask: Tensor) -> dict[str, Tensor]:
+        """Per-chunk states of every module: hidden_states[l] (N, T, d) enters layer l."""
+        return {
+            name: self.block(name).chunk_state(hidden_states[spec.layer], mask) for name, spec in self.targets.items()
+        }
+
+    def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: normalize_state(S, self.config) for name, S in sums.items()}
+
+    def export_rank(self) -> int:
+        """Rank of the exported LoRA: exact for both normalisations."""
+        if self.config.normalization == "svd":
+            return self.config.rank
+        return min(self.config.key_dim, self.config.value_dim)
+
+    def fingerprint(self) -> str:
+        """Content hash of config + weights: states made by one generator only combine with its own."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "genadapter-generator"})
+        self.config.save(directory / CONFIG_FILE)
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> AdapterGenerator:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise ModelLoadError(f"{directory} is not a generator directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        generator = cls.for_model(model, GeneratorConfig.load(directory / CONFIG_FILE))
+        try:
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except Exception as exc:  # safetensors raises several types on corrupt files
+            raise ModelLoadError(f"cannot read generator weights {directory / WEIGHTS_FILE}: {exc}") from exc
+        own = generator.state_dict()
+        if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+            raise ModelLoadError(f"generator in {directory} does not fit this base model's modules")
+        generator.load_state_dict({k: v.float() for k, v in tensors.items()})
+        return generator

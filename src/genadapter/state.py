@@ -1,0 +1,117 @@
+"""ContextState: what a context leaves behind — per-module sums S = Σ Kᵀ V and a token count.
+
+States are sums over tokens, so they add (union of contexts) and subtract (exact removal of a context
+absorbed before, up to fp32 rounding). The state, not the normalised adapter, is what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import Tensor
+
+from .errors import IncompatibleStateError, StateFileError
+from .fileio import write_atomic
+
+FORMAT = "genadapter-state/1"
+
+
+@dataclass
+class ContextState:
+    """Per-module state sums plus the provenance needed to refuse mixing generators."""
+
+    sums: dict[str, Tensor]  # module name -> (R1, R2) float32
+    num_tokens: int
+    base_model: str
+    generator_fingerprint: str
+    generator_config: dict = field(default_factory=dict)
+
+    def _check_compatible(self, other: ContextState) -> None:
+        if not isinstance(other, ContextState):
+            raise TypeError(f"cannot combine a ContextState with {type(other).__name__}")
+        if other.generator_fingerprint != self.generator_fingerprint or other.base_model != self.base_model:
+            raise IncompatibleStateError(
+                f"states come from different generators: {self.generator_fingerprint} on {self.base_model} "
+                f"vs {other.generator_fingerprint} on {other.base_model}"
+            )
+
+    def _combine(self, other: ContextState, sign: int) -> ContextState:
+        self._check_compatible(other)
+        num_tokens = self.num_tokens + sign * other.num_tokens
+        if num_tokens < 0:
+            raise IncompatibleStateError("cannot subtract a state with more tokens than this one holds")
+        return ContextState(
+            sums={k: v + sign * other.sums[k] for k, v in self.sums.items()},
+            num_tokens=num_tokens,
+            base_model=self.base_model,
+            generator_fingerprint=self.generator_fingerprint,
+            generator_config=dict(self.generator_config),
+        )
+
+    def __add__(self, other: ContextState) -> ContextState:
+        return self._combine(other, +1)
+
+    def __sub__(self, other: ContextState) -> ContextState:
+        return self._combine(other, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+    def allclose(self, other: ContextState, rtol: float = 1e-5, atol: float = 1e-5) -> bool:
+        return (
+            self.num_tokens == other.num_tokens
+            and self.sums.keys() == other.sums.keys()
+            and all(torch.allclose(v, other.sums[k], rtol=rtol, atol=atol) for k, v in self.sums.items())
+        )
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "num_tokens": str(self.num_tokens),
+            "base_model": self.base_model,
+            "generator_fingerprint": self.generator_fingerprint,
+            "generator_config": json.dumps(self.generator_config, sort_keys=True),
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.sums.items()}
+        return save(tensors, metadata=self.metadata())
+
+    def save(self, path: str | Path) -> None:
+        """Write safetensors atomically: the file is complete or not there at all."""
+        data = self.to_bytes()
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContextState:
+        path = Path(path)
+        if not path.is_file():
+            raise StateFileError(f"state file {path} does not exist")
+        return cls.from_bytes(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> ContextState:
+        try:
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+            raise StateFileError(f"{source} is not a valid genadapter state (corrupted or truncated)") from exc
+        if metadata.get("format") != FORMAT:
+            raise StateFileError(f"{source} is not a genadapter state file")
+        try:
+            return cls(
+                sums=tensors,
+                num_tokens=int(metadata["num_tokens"]),
+                base_model=metadata["base_model"],
+                generator_fingerprint=metadata["generator_fingerprint"],
+                generator_config=json.loads(metadata["generator_config"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise StateFileError(f"{source} has incomplete genadapter metadata") from exc

@@ -1,0 +1,119 @@
+import pytest
+import torch
+from conftest import TEXT_A, TEXT_B, make_adapter
+
+from genadapter import ContextState, GenAdapterError, IncompatibleStateError
+
+
+def test_untrained_generator_leaves_the_model_exactly_unchanged():
+    ga = make_adapter(trained=False)
+    state = ga.absorb(TEXT_A)
+    ids, mask = ga.pad([ga.tokenizer("Where is it?")["input_ids"]])
+    assert torch.equal(ga.logits(ids, mask, state=state), ga.logits(ids, mask))
+    assert ga.generate("Where?", state=state, max_new_tokens=8) == ga.generate("Where?", max_new_tokens=8)
+
+
+def test_trained_generator_changes_the_model(ga):
+    ids, mask = ga.pad([ga.tokenizer("Where is it?")["input_ids"]])
+    assert not torch.allclose(ga.logits(ids, mask, state=ga.absorb(TEXT_A)), ga.logits(ids, mask))
+
+
+def test_absorbing_documents_equals_sum_of_states(ga):
+    together = ga.absorb([TEXT_A, TEXT_B])
+    assert together.allclose(ga.absorb(TEXT_A) + ga.absorb(TEXT_B))
+    assert together.num_tokens == len(ga.tokenizer(TEXT_A)["input_ids"]) + len(ga.tokenizer(TEXT_B)["input_ids"])
+
+
+def test_add_then_subtract_restores(ga):
+    a, b = ga.absorb(TEXT_A), ga.absorb(TEXT_B)
+    assert ((a + b) - b).allclose(a)
+
+
+def test_chunk_batching_does_not_change_state(ga):
+    one_by_one = ga.absorb(TEXT_A, batch_size=1)
+    batched = ga.absorb(TEXT_A, batch_size=64)
+    assert one_by_one.allclose(batched)
+
+
+def test_token_ids_and_text_give_the_same_state(ga):
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"]
+    assert ga.absorb(ids).allclose(ga.absorb(TEXT_A))
+    assert ga.absorb(torch.tensor(ids)).allclose(ga.absorb(TEXT_A))
+
+
+def test_state_is_sum_over_independent_chunks(ga):
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"]
+    w = ga.config.chunk_size
+    chunks = [ids[i : i + w] for i in range(0, len(ids), w)]
+    assert len(chunks) > 2
+    summed = ga.absorb(chunks[0])
+    for chunk in chunks[1:]:
+        summed = summed + ga.absorb(chunk)
+    assert summed.allclose(ga.absorb(ids))
+
+
+def test_per_row_adapters_equal_one_at_a_time(ga):
+    a, b = ga.absorb(TEXT_A), ga.absorb(TEXT_B)
+    prompts = ["Where is the tower?", "Who won?", "Hi"]
+    states = [a, b, None]
+    batched = ga.generate(prompts, state=states, max_new_tokens=6)
+    single = [ga.generate(p, state=s, max_new_tokens=6) for p, s in zip(prompts, states, strict=True)]
+    assert batched == single
+    batched_scores = ga.score(prompts, [" Paris", " Curie", " yes"], state=states)
+    single_scores = [
+        ga.score(p, c, state=s)[0] for p, c, s in zip(prompts, [" Paris", " Curie", " yes"], states, strict=True)
+    ]
+    assert batched_scores == pytest.approx(single_scores, abs=1e-4)
+
+
+def test_merge_matches_hooks_and_unmerge_restores_bit_exactly(ga):
+    state = ga.absorb(TEXT_A)
+    before = {k: v.clone() for k, v in ga.model.state_dict().items()}
+    ids, mask = ga.pad([ga.tokenizer("Where is it?")["input_ids"]])
+    hooked = ga.logits(ids, mask, state=state)
+    with ga.merged(state):
+        assert torch.allclose(ga.logits(ids, mask), hooked, atol=1e-5)
+        with pytest.raises(GenAdapterError, match="merged"):
+            ga.logits(ids, mask, state=state)
+    after = ga.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_load_round_trip(ga, tmp_path):
+    state = ga.absorb(TEXT_A)
+    state.save(tmp_path / "s.gas")
+    loaded = ContextState.load(tmp_path / "s.gas")
+    assert loaded.allclose(state, rtol=0, atol=0)
+    assert loaded.generator_fingerprint == state.generator_fingerprint
+    assert loaded.nbytes == state.nbytes == 4 * 2 * 2 * 8 * 8  # 2 layers x 2 modules x R1 x R2 fp32
+
+
+def test_states_of_other_generators_do_not_mix(ga):
+    other = make_adapter(seed=5)
+    a, b = ga.absorb(TEXT_A), other.absorb(TEXT_A)
+    with pytest.raises(IncompatibleStateError):
+        a + b
+    with pytest.raises(IncompatibleStateError):
+        ga.generate("q", state=b)
+
+
+def test_subtracting_more_than_was_absorbed_is_an_error(ga):
+    with pytest.raises(IncompatibleStateError):
+        ga.absorb(TEXT_B) - ga.absorb(TEXT_A)
+
+
+@pytest.mark.parametrize("bad", ["", [], [""], [1.5], None])
+def test_empty_or_bad_context_is_a_clear_error(ga, bad):
+    with pytest.raises(GenAdapterError):
+        ga.absorb(bad)
+
+
+def test_wrong_number_of_states_is_a_clear_error(ga):
+    with pytest.raises(GenAdapterError, match="2 states for 3 prompts"):
+        ga.generate(["a", "b", "c"], state=[ga.absorb(TEXT_A)] * 2)
+
+
+def test_frobenius_normalisation_runs(ga):
+    ga2 = make_adapter(normalization="frobenius")
+    norms = ga2.normalized(ga2.absorb(TEXT_A))
+    assert all(torch.linalg.matrix_norm(v).item() == pytest.approx(1.0, abs=1e-5) for v in norms.values())
