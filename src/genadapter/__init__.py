@@ -2,6 +2,7 @@
 
 from .adapter import GenerativeAdapter
 from .config import GeneratorConfig
+from . import formats
 from .errors import GenAdapterError, IncompatibleStateError, ModelLoadError, StateFileError
 from .generator import AdapterGenerator
 from .state import ContextState
@@ -16,4 +17,5 @@ __all__ = [
     "IncompatibleStateError",
     "ModelLoadError",
     "StateFileError",
+    "formats",
 ]

@@ -39,6 +39,11 @@ class _SVDNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, S: Tensor, rank: int) -> Tensor:  # S: (..., R1, R2)
+        with torch.autocast(S.device.type, enabled=False):
+            return _SVDNormalize._forward(ctx, S, rank)
+
+    @staticmethod
+    def _forward(ctx, S: Tensor, rank: int) -> Tensor:
         U, sigma, Vh = torch.linalg.svd(S, full_matrices=False)
         U, sigma, Vh = U[..., :rank], sigma[..., :rank], Vh[..., :rank, :]
         tol = sigma[..., :1].clamp_min(torch.finfo(S.dtype).tiny) * max(S.shape[-2:]) * torch.finfo(S.dtype).eps
@@ -49,13 +54,17 @@ class _SVDNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        U, sigma, Vh = ctx.saved_tensors[:3]
-        keep = ctx.saved_tensors[3]
+        U, sigma, Vh, keep = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            return _SVDNormalize._backward(grad.to(U.dtype), U, sigma, Vh, keep), None
+
+    @staticmethod
+    def _backward(grad: Tensor, U: Tensor, sigma: Tensor, Vh: Tensor, keep: Tensor) -> Tensor:
         g = U.transpose(-1, -2) @ grad @ Vh.transpose(-1, -2)  # (..., r, r)
         pair = keep.unsqueeze(-1) * keep.unsqueeze(-2)
         denom = (sigma.unsqueeze(-1) + sigma.unsqueeze(-2)).clamp_min(torch.finfo(sigma.dtype).tiny)
         inner = (g - g.transpose(-1, -2)) / denom * pair
-        return U @ inner @ Vh, None
+        return U @ inner @ Vh
 
 
 def normalize_state(S: Tensor, config: GeneratorConfig) -> Tensor:
@@ -92,11 +101,12 @@ class ModuleGenerator(nn.Module):
 
     def chunk_state(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Per-chunk states Σ_t K_tᵀ V_t: hidden (N, T, d), mask (N, T) -> (N, R1, R2)."""
-        h = hidden.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.gamma
-        h = h * mask.unsqueeze(-1).to(h.dtype)
-        keys, values = h @ self.A2.T, h @ self.A3.T
-        return keys.transpose(-1, -2) @ values
+        with torch.autocast(hidden.device.type, enabled=False):  # states are sums: keep them fp32
+            h = hidden.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.gamma
+            h = h * mask.unsqueeze(-1).to(h.dtype)
+            keys, values = h @ self.A2.T, h @ self.A3.T
+            return keys.transpose(-1, -2) @ values
 
     def delta(self, x: Tensor, normalized: Tensor, scale: float) -> Tensor:
         """ΔW x for each row: x (N, T, d_in), normalized (N or 1, R1, R2) -> (N, T, d_out)."""

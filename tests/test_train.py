@@ -1,0 +1,117 @@
+"""Training recipes on the tiny model: losses behave, runs resume after SIGKILL, NaN stops with a message."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT_A, make_adapter
+
+from genadapter.train import TrainConfig
+from genadapter.train.data import metaicl_train_tasks, split_wiki
+from genadapter.train.loop import TrainingError, train
+from genadapter.train.objectives import pretrain_losses
+
+
+def tiny_train_config(base, out, **overrides) -> TrainConfig:
+    values = dict(
+        recipe="pretrain",
+        output_dir=str(out),
+        base=str(base),
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        generator=dict(key_dim=8, value_dim=8, rank=8, chunk_size=16, alpha=8.0),
+        num_chunks=3,
+        max_documents=50,
+        heldout_docs=20,
+        eval_every=1000,
+        eval_sequences=2,
+        log_every=1,
+        checkpoint_minutes=0.0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_pretrain_losses_use_prefix_states():
+    ga = make_adapter()
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:64]
+    config = tiny_train_config("x", "y", num_chunks=4)
+    with_adapter = pretrain_losses(ga, [ids], config, np.random.default_rng(0))
+    without = pretrain_losses(ga, [ids], config, np.random.default_rng(0), with_adapter=False)
+    assert set(with_adapter) == {"completion", "reconstruction", "loss"}
+    assert with_adapter["loss"].requires_grad
+    assert not torch.isclose(with_adapter["completion"], without["completion"])
+
+
+def test_test_tasks_never_reach_training_data():
+    test_tasks = set(
+        json.loads((metaicl_train_tasks.__globals__["data_root"]() / "metaicl/hr_to_lr.json").read_text())["test"]
+    )
+    assert not test_tasks & set(metaicl_train_tasks())
+    train_leads, heldout = split_wiki(50)
+    assert not {t for t, _ in heldout} & {t for t, _ in train_leads}
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "instruct"])
+def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
+    base, gen = tiny_dirs
+    config = tiny_train_config(
+        base, tmp_path / recipe, recipe=recipe, objective="mix", pretrain_every=2, max_context_tokens=48
+    )
+    final = train(config)
+    assert (final / "generator.safetensors").is_file() and (final / "train_config.json").is_file()
+    metrics = json.loads((final / "heldout_metrics.json").read_text())
+    assert {"completion_adapter", "completion_base", "reconstruction_adapter", "cloze_f1_adapter"} <= set(metrics)
+    log = [json.loads(line) for line in (tmp_path / recipe / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_dirs, tmp_path):
+    base, _ = tiny_dirs
+    reference = tiny_train_config(base, tmp_path / "ref", steps=6)
+    train(reference)
+    killed = tiny_train_config(base, tmp_path / "killed", steps=6, log_every=1)
+    reference_config = tmp_path / "killed.json"
+    reference_config.write_text(json.dumps(killed.to_dict()))
+    code = (
+        "import sys, time, genadapter.train.loop as loop\n"
+        "from genadapter.train import TrainConfig\n"
+        "orig = loop.pretrain_losses\n"
+        "def slow(*a, **k):\n    time.sleep(0.5)\n    return orig(*a, **k)\n"
+        "loop.pretrain_losses = slow\n"
+        "loop.train(TrainConfig.load(sys.argv[1]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(reference_config)], stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 2 <= step < 6
+    train(TrainConfig.load(reference_config))
+    a = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)["generator"]
+    b = torch.load(checkpoint, weights_only=False)["generator"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_dirs, tmp_path, monkeypatch):
+    base, _ = tiny_dirs
+    import genadapter.train.loop as loop
+
+    def nan_losses(*args, **kwargs):
+        return {"loss": torch.tensor(float("nan"), requires_grad=True)}
+
+    monkeypatch.setattr(loop, "pretrain_losses", nan_losses)
+    with pytest.raises(TrainingError, match="loss is nan at step 0"):
+        train(tiny_train_config(base, tmp_path / "nan"))
