@@ -298,7 +298,7 @@ def test_export_refuses_to_replace_an_unrelated_directory(tmp_path, any_state, m
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    assert_error(run("export", any_state, "--peft", precious, *model_args), "not a PEFT adapter")
+    assert_error(run("export", any_state, "--peft", precious, *model_args), "not replacing it")
     assert (precious / "notes.txt").read_text() == "keep me"
 
 

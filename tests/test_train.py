@@ -115,3 +115,20 @@ def test_nan_loss_stops_with_a_clear_message(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "pretrain_losses", nan_losses)
     with pytest.raises(TrainingError, match="loss is nan at step 0"):
         train(tiny_train_config(base, tmp_path / "nan"))
+
+
+def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from genadapter.cli import app
+
+    base, _ = tiny_dirs
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(tiny_train_config(base, tmp_path / "cli").to_dict()))
+    result = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", "steps=2"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "cli" / "generator" / "train_config.json").read_text())
+    assert saved["steps"] == 2 and saved["recipe"] == "pretrain"
+
+    bad = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", "nope=1"])
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: unknown training config keys")

@@ -1,8 +1,8 @@
 """genadapter: Generative Adapter (Chen et al., ICLR 2025) — contexts into LoRA adapters in one forward pass."""
 
+from . import formats
 from .adapter import GenerativeAdapter
 from .config import GeneratorConfig
-from . import formats
 from .errors import GenAdapterError, IncompatibleStateError, ModelLoadError, StateFileError
 from .generator import AdapterGenerator
 from .state import ContextState

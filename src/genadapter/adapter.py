@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import GeneratorConfig
 from .errors import GenAdapterError, IncompatibleStateError
-from .fileio import write_dir_atomic
+from .fileio import PEFT_MARKER, write_dir_atomic
 from .generator import AdapterGenerator
 from .inject import AdapterInjector
 from .models import EMBEDDED_MODEL, load_base
@@ -313,4 +313,4 @@ class GenerativeAdapter:
             lora_config.save_pretrained(str(tmp))
             save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-        write_dir_atomic(directory, write)
+        write_dir_atomic(directory, write, marker=PEFT_MARKER)

@@ -24,6 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import GenAdapterError
+from .fileio import PEFT_MARKER, check_replaceable_dir
 from .models import EMBEDDED_MODEL
 from .state import ContextState
 
@@ -201,17 +202,6 @@ def check_output_file(path: Path) -> None:
         raise GenAdapterError(f"directory {path.parent} does not exist")
 
 
-def check_output_dir(path: Path) -> None:
-    """An export directory is new, empty, or a previous PEFT export (which gets replaced)."""
-    if path.exists():
-        if not path.is_dir():
-            raise GenAdapterError(f"{path} exists and is not a directory")
-        if any(path.iterdir()) and not (path / "adapter_config.json").is_file():
-            raise GenAdapterError(f"{path} is a non-empty directory that is not a PEFT adapter; not replacing it")
-    elif not path.parent.is_dir():
-        raise GenAdapterError(f"directory {path.parent} does not exist")
-
-
 def load_state(path: Path) -> ContextState:
     if path.is_dir():
         raise GenAdapterError(f"{path} is a directory, expected a state file")
@@ -313,7 +303,7 @@ def export(
 ) -> None:
     """Export the adapter of a state as a standard PEFT LoRA directory."""
     state = load_state(state_file)
-    check_output_dir(peft)
+    check_replaceable_dir(peft, PEFT_MARKER)
     ga = load_adapter(base, generator)
     ga.check_state(state)
     ga.export_peft(state, peft)
@@ -349,6 +339,69 @@ def info(
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         typer.echo(f"{key + ':':<{width + 1}} {value}")
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+train_app = typer.Typer(help="Train a generator: `pretrain` (reconstruction + completion) or `instruct`.")
+app.add_typer(train_app, name="train")
+ConfigOption = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TrainConfig JSON file.")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (VALUE parsed as JSON if it can be)."),
+]
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    import json
+
+    values = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise GenAdapterError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def _run_recipe(recipe: str, config: Path | None, overrides: list[str] | None) -> None:
+    from .train import TrainConfig
+    from .train.loop import train
+
+    values = {**parse_overrides(overrides), "recipe": recipe}
+    try:
+        train_config = TrainConfig.load(config, values) if config else TrainConfig(**values)
+    except TypeError as exc:
+        raise GenAdapterError(f"bad training config: {exc}") from exc
+    final = train(train_config)
+    typer.echo(f"wrote generator to {final}", err=True)
+
+
+@train_app.command("pretrain")
+def train_pretrain(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Self-supervised pretraining on Wikipedia leads + MetaICL training text (resumes from output_dir)."""
+    _run_recipe("pretrain", config, set_)
+
+
+@train_app.command("instruct")
+def train_instruct(config: ConfigOption = None, set_: SetOption = None) -> None:
+    """Instruction tuning on (context, prompt, answer) examples, mixed with pretraining batches."""
+    _run_recipe("instruct", config, set_)
+
+
+@train_app.command("finalize")
+def train_finalize(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="output_dir of a run with a checkpoint.pt.")],
+) -> None:
+    """Write RUN_DIR/generator from the latest checkpoint (e.g. of a run stopped early) and evaluate it."""
+    import json
+
+    from .train.loop import finalize_checkpoint
+
+    typer.echo(json.dumps(finalize_checkpoint(run_dir), indent=2))
 
 
 if __name__ == "__main__":

@@ -67,4 +67,7 @@ class GeneratorConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GeneratorConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise GenAdapterError(f"{path} is not a valid generator config: {exc}") from exc

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import GenAdapterError
 
+PEFT_MARKER = "adapter_config.json"  # the file that makes a directory a PEFT adapter
+
 
 def _describe(exc: OSError, target: Path) -> GenAdapterError:
     if exc.errno == errno.ENOSPC:
@@ -38,14 +40,23 @@ def write_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def write_dir_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
-    """Like write_atomic for a directory: build it beside target, then swap it in."""
+def check_replaceable_dir(target: str | Path, marker: str) -> None:
+    """A directory we may (re)write: absent, empty, or an earlier output of ours (it holds `marker`)."""
     target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise GenAdapterError(f"{target} exists and is not a directory")
+    if target.exists():
+        if not target.is_dir():
+            raise GenAdapterError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / marker).is_file():
+            raise GenAdapterError(f"{target} is a non-empty directory without {marker}; not replacing it")
+    elif not target.parent.is_dir():
+        raise GenAdapterError(f"directory {target.parent} does not exist")
+
+
+def write_dir_atomic(target: str | Path, write: Callable[[Path], None], marker: str) -> None:
+    """Like write_atomic for a directory: build it beside target, then swap it in (see check_replaceable_dir)."""
+    target = Path(target)
+    check_replaceable_dir(target, marker)
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise GenAdapterError(f"directory {parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
         write(tmp)

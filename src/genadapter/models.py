@@ -62,10 +62,16 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_base(name_or_path: str | None) -> tuple[str, Path | str]:
-    """(canonical name recorded in states, path or id to load)."""
+    """(canonical name recorded in states, path or id to load); local paths are made absolute."""
     if name_or_path in (None, EMBEDDED_MODEL):
         return EMBEDDED_MODEL, embedded_model_dir()
-    return str(name_or_path), name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path.resolve()), path.resolve()
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_like_path:
+        raise ModelLoadError(f"unknown model {name_or_path!r}: no such directory, and not {EMBEDDED_MODEL!r}")
+    return name_or_path, name_or_path
 
 
 def load_base(
@@ -73,13 +79,12 @@ def load_base(
 ) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer, offline. Returns (name, model, tokenizer)."""
     name, source = resolve_base(name_or_path)
-    if not isinstance(source, Path) and not Path(source).exists() and "/" not in str(source):
-        raise ModelLoadError(f"unknown model {name!r}: give a local directory, a cached HF id or {EMBEDDED_MODEL!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r} offline: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # transformers raises many types for a missing or broken model
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"cannot load model {name!r} offline: {first_line}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)

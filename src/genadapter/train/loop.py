@@ -207,14 +207,38 @@ def train(config: TrainConfig) -> Path:
             _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, step + 1, config)
             last_save = time.monotonic()
     accelerator.wait_for_everyone()
-    final = out / "generator"
-    if accelerator.is_main_process:
-        _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, config.steps, config)
-        ga.generator.eval()
-        metrics = heldout.evaluate(ga)
-        write({"step": config.steps, "final_eval": metrics})
-        ga.generator.save(final, dtype=getattr(torch, config.save_dtype))
-        config.save(final / "train_config.json")
-        (final / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        accelerator.print(json.dumps(metrics, indent=2))
-    return final
+    if not accelerator.is_main_process:
+        return out / "generator"
+    _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, config.steps, config)
+    metrics = finalize(ga, config, heldout)
+    write({"step": config.steps, "final_eval": metrics})
+    accelerator.print(json.dumps(metrics, indent=2))
+    return out / "generator"
+
+
+def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None = None) -> dict[str, float]:
+    """Evaluate on the held-out set and write the generator directory (weights, configs, metrics)."""
+    final = Path(config.output_dir) / "generator"
+    ga.generator.eval()
+    metrics = (heldout or HeldOut(ga, config)).evaluate(ga)
+    ga.generator.save(final, dtype=getattr(torch, config.save_dtype))
+    config.save(final / "train_config.json")
+    (final / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def finalize_checkpoint(run_dir: str | Path) -> dict[str, float]:
+    """Turn the latest checkpoint of a (possibly still running or killed) run into a generator directory."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise TrainingError(f"{run_dir} has no checkpoint.pt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = TrainConfig(**{**state["config"], "output_dir": str(run_dir), "init_generator": None})
+    ga = build_adapter(config, torch.device("cpu"))
+    ga.generator.load_state_dict(state["generator"])
+    metrics = finalize(ga, config)
+    (run_dir / "generator" / "heldout_metrics.json").write_text(
+        json.dumps({**metrics, "step": state["step"]}, indent=2) + "\n"
+    )
+    return metrics

@@ -1,0 +1,45 @@
+"""Limits and batching settings of the HTTP service (no web dependencies: the CLI may import it cheaply)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import GenAdapterError
+
+
+@dataclass
+class ServeConfig:
+    """Every bound the service enforces; defaults suit the embedded SmolLM2 on a CPU."""
+
+    max_body_bytes: int = 4 * 2**20  # larger request bodies get 413 before any parsing
+    max_context_tokens: int = 32768  # tokens of one absorb/forget/create text; more gets 413
+    max_prompt_tokens: int = 4096  # tokens of one rendered prompt; more gets 413
+    max_new_tokens: int = 512  # upper bound of max_new_tokens / max_tokens; more gets 422
+    default_new_tokens: int = 64  # when a chat request names no max_tokens
+    max_batch: int = 16  # generation requests grouped into one model call (1 = one at a time)
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_queue: int = 1024  # model jobs waiting; beyond that requests get 503
+    cache_bytes: int = 512 * 2**20  # LRU of deserialised context states, by tensor bytes
+    absorb_batch_size: int = 8  # chunks per frozen forward when absorbing
+    request_timeout_s: float = 600.0  # a request waiting longer for the model gets 503
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "batch_wait_ms":
+                if value < 0:
+                    raise GenAdapterError("batch_wait_ms must not be negative")
+            elif value <= 0:
+                raise GenAdapterError(f"{f.name} must be positive")
+        if self.default_new_tokens > self.max_new_tokens:
+            raise GenAdapterError("default_new_tokens must not exceed max_new_tokens")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServeConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise GenAdapterError(f"unknown serve config keys: {sorted(unknown)}")
+        return cls(**data)
