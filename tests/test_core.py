@@ -117,3 +117,12 @@ def test_frobenius_normalisation_runs(ga):
     ga2 = make_adapter(normalization="frobenius")
     norms = ga2.normalized(ga2.absorb(TEXT_A))
     assert all(torch.linalg.matrix_norm(v).item() == pytest.approx(1.0, abs=1e-5) for v in norms.values())
+
+
+def test_removing_everything_gives_exactly_no_adapter(ga):
+    a, b = ga.absorb(TEXT_A), ga.absorb(TEXT_B)
+    empty = (a + b) - a - b
+    assert empty.num_tokens == 0
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in empty.sums.values())
+    ids, mask = ga.pad([ga.tokenizer("Where?")["input_ids"]])
+    assert torch.equal(ga.logits(ids, mask, state=empty), ga.logits(ids, mask))

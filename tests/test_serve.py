@@ -121,6 +121,21 @@ def test_create_absorb_forget_get(client, local):
     assert all(torch.count_nonzero(s) == 0 for s in fetch_state(client, info["id"]).sums.values())
 
 
+def test_concurrent_absorbs_of_one_context_lose_no_update(server, client, local):
+    a, b = local.absorb(TEXT_A), local.absorb(TEXT_B)
+    context_id = create(client, TEXT_A)["id"]
+
+    def absorb(_: int) -> int:
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as own:
+            return own.post(f"/v1/contexts/{context_id}/absorb", json={"text": TEXT_B}).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(absorb, range(4))) == [200] * 4
+    info = client.get(f"/v1/contexts/{context_id}").json()
+    assert (info["num_tokens"], info["version"]) == (a.num_tokens + 4 * b.num_tokens, 5)
+    assert fetch_state(client, context_id).allclose(a + b + b + b + b, atol=1e-4)
+
+
 def test_concurrent_requests_with_different_contexts_share_one_batch(server, client, local, contexts):
     ids, states = contexts
     before = client.get("/v1/stats").json()["batch_sizes"].get("2", 0)
@@ -311,3 +326,26 @@ def test_acknowledged_writes_survive_sigkill(tiny_dirs, tmp_path):
             assert c.get(f"/v1/contexts/{created['id']}").json() == updated.json()
             data = c.get(f"/v1/contexts/{created['id']}/state").content
     assert hashlib.sha256(data).hexdigest() == updated.json()["sha256"]
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/contexts", "/v1/contexts/{context_id}", "/v1/contexts/{context_id}/absorb",
+            "/v1/contexts/{context_id}/forget", "/v1/contexts/{context_id}/peft", "/v1/generate",
+            "/v1/chat/completions"} <= set(paths)  # fmt: skip
+    assert "409" in paths["/v1/contexts/{context_id}/forget"]["post"]["responses"]
+
+
+def test_state_cache_is_a_byte_bounded_lru(local):
+    from genadapter.serve.cache import StateCache
+
+    state = local.absorb(TEXT_B)
+    cache = StateCache(max_bytes=2 * state.nbytes)
+    cache.put("a", 1, state)
+    cache.put("b", 1, state)
+    assert cache.get("a", 1) is state  # "a" is now the most recent
+    cache.put("c", 1, state)  # evicts "b"
+    assert cache.get("b", 1) is None and cache.get("c", 1) is state
+    assert cache.get("a", 2) is None  # an older version is a miss
+    cache.put("a", 0, state)  # never replaces a newer version
+    assert cache.get("a", 1) is state

@@ -132,3 +132,38 @@ def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):
 
     bad = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", "nope=1"])
     assert bad.exit_code == 1 and bad.stderr.startswith("error: unknown training config keys")
+
+
+def test_ddp_smoke_with_two_cpu_processes(tiny_dirs, tmp_path):
+    """`accelerate launch` with 2 CPU processes trains and writes one generator (gradients synced by DDP)."""
+    base, _ = tiny_dirs
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(tiny_train_config(base, tmp_path / "ddp", steps=2).to_dict()))
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    result = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "genadapter.cli",
+            "train",
+            "pretrain",
+            "--config",
+            str(config_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "ddp" / "generator" / "generator.safetensors").is_file()

@@ -404,5 +404,24 @@ def train_finalize(
     typer.echo(json.dumps(finalize_checkpoint(run_dir), indent=2))
 
 
+# ---- service ----------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    db: Annotated[Path, typer.Option("--db", metavar="PATH", help="SQLite database of context states.")] = Path(
+        "genadapter.db"
+    ),
+    base: BaseOption = EMBEDDED_MODEL,
+    generator: GeneratorOption = None,
+) -> None:
+    """Serve the HTTP API (contexts, generate, OpenAI-compatible chat) over a persistent state store."""
+    from .serve import serve
+
+    serve(host, port, str(db), base, str(generator) if generator else None)
+
+
 if __name__ == "__main__":
     app()

@@ -45,8 +45,11 @@ class ContextState:
         num_tokens = self.num_tokens + sign * other.num_tokens
         if num_tokens < 0:
             raise IncompatibleStateError("cannot subtract a state with more tokens than this one holds")
+        sums = {k: v + sign * other.sums[k] for k, v in self.sums.items()}
+        if num_tokens == 0:  # fp32 residue of a full removal would normalise to a random full-strength adapter
+            sums = {k: torch.zeros_like(v) for k, v in sums.items()}
         return ContextState(
-            sums={k: v + sign * other.sums[k] for k, v in self.sums.items()},
+            sums=sums,
             num_tokens=num_tokens,
             base_model=self.base_model,
             generator_fingerprint=self.generator_fingerprint,

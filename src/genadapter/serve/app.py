@@ -110,15 +110,19 @@ def _info(service: Service, record: ContextRecord) -> ContextInfo:
 
 
 async def _results(service: Service, futures: list) -> list:
+    """Wait for every row of a request; the first failed row fails the request."""
+    waiting = asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
     try:
-        return await asyncio.wait_for(
-            asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), service.config.request_timeout_s
-        )
+        results = await asyncio.wait_for(waiting, service.config.request_timeout_s)
     except asyncio.TimeoutError:
         raise Unavailable("timed out waiting for the model; retry later") from None
     finally:
         for future in futures:
-            future.cancel()  # no-op for finished ones; unrun rows of a failed request are skipped
+            future.cancel()  # no-op for finished rows; rows not yet run are skipped
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def create_app(ga: GenerativeAdapter, store: ContextStore, config: ServeConfig | None = None) -> FastAPI:
@@ -165,6 +169,8 @@ def create_app(ga: GenerativeAdapter, store: ContextStore, config: ServeConfig |
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (e.g. not UTF-8): bad JSON
+            return _error(422, f"the request body is not valid JSON: {exc.detail}", "invalid_request_error")
         response = _error(exc.status_code, str(exc.detail), "invalid_request_error")
         response.headers.update(exc.headers or {})
         return response

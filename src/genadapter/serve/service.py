@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import GenerativeAdapter
-from ..errors import StateFileError
+from ..errors import GenAdapterError, StateFileError
 from ..state import ContextState
 from .batcher import Generation, ModelWorker, Prompt
 from .cache import StateCache
@@ -160,7 +160,10 @@ class Service:
         def job() -> bytes:
             with tempfile.TemporaryDirectory(prefix="genadapter-peft-") as tmp:
                 directory = Path(tmp) / "adapter"
-                self.ga.export_peft(state, directory)
+                try:
+                    self.ga.export_peft(state, directory)
+                except GenAdapterError as exc:  # e.g. no space left: the server's problem, not the client's
+                    raise ServeError(f"cannot export the adapter: {exc}") from exc
                 buffer = io.BytesIO()
                 with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
                     for path in sorted(directory.iterdir()):

@@ -1,0 +1,295 @@
+"""Scenario 1 — knowledge from documents: answer questions about a context (SQuAD-style F1 / EM).
+
+Input: any JSONL with `context`, `question`, `answers` (a list, or one string). Each distinct context is
+one adaptation; all its questions are asked after it. With `group_tokens` (e.g. TweetQA as a news
+stream) many short contexts are packed, in a seeded random order, into contexts of ≈N tokens each, and
+every question about a packed document is asked of the whole pack; one run can hold several N.
+
+Split: items of `dev` distinct contexts (fixed seed, independent of --seed) pick each method's template
+and are never reported; the rest is the test set, shuffled with --seed, of which --limit items are used
+(per context length when grouping: whole packs in order, the last one cut at the limit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GenAdapterError
+from ..metrics import exact_match, token_f1
+from . import templates as T
+from .engine import Engine
+from .methods import Adapted, EvalContext, Method, make_methods
+from .report import cost_by_length, cost_plot, cost_summary, line_plot, machine, main_table, markdown_table
+from .report import fmt, versions, write_results
+from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
+
+DEFAULT_LIMIT = 100
+DEFAULT_DEV = 8
+DEV_SEED = 1234  # the dev/test split never moves with --seed
+LENGTH_BINS = 4
+
+
+def default_data() -> Path:
+    from ..train.data import data_root
+
+    return data_root() / "knowledge" / "squad_v1_sample.jsonl"
+
+
+@dataclass
+class KnowledgeConfig(CommonConfig):
+    group_tokens: list[int] = field(default_factory=list)  # empty: every context on its own
+    max_new_tokens: int = 20
+
+
+@dataclass
+class QAItem:
+    id: str
+    question: str
+    answers: list[str]
+    context: str
+
+
+def load_qa(path: Path) -> list[QAItem]:
+    if not path.is_file():
+        raise GenAdapterError(f"{path} does not exist")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            answers = row["answers"]
+            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+            item = QAItem(str(len(items)), str(row["question"]), answers, str(row["context"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise GenAdapterError(f"{path}:{number}: expected JSON with context, question, answers ({exc})") from exc
+        if item.question.strip() and item.context.strip() and answers:
+            items.append(item)
+    if not items:
+        raise GenAdapterError(f"{path} holds no usable items")
+    return items
+
+
+def context_id(text: str) -> str:
+    return "c" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def split_dev(items: list[QAItem], dev: int) -> tuple[list[QAItem], list[QAItem]]:
+    """(dev items: one question each of `dev` contexts, test items: those of all other contexts)."""
+    order = list(items)
+    random.Random(DEV_SEED).shuffle(order)
+    dev_items, dev_contexts = [], set()
+    for item in order:
+        if len(dev_items) >= dev:
+            break
+        if item.context not in dev_contexts:
+            dev_contexts.add(item.context)
+            dev_items.append(item)
+    return dev_items, [i for i in items if i.context not in dev_contexts]
+
+
+def single_groups(items: list[QAItem], engine: Engine, prefix: str = "") -> list[Group]:
+    groups: dict[str, Group] = {}
+    for item in items:
+        cid = prefix + context_id(item.context)
+        if cid not in groups:
+            tokens = engine.count(item.context)
+            groups[cid] = Group(EvalContext(cid, [item.context]), [], {"context_tokens": tokens, "length": tokens})
+        groups[cid].items.append(item)
+    return list(groups.values())
+
+
+def packed_groups(items: list[QAItem], engine: Engine, size: int, seed: int, limit: int) -> list[Group]:
+    """Contexts of ≈`size` tokens packed from many short ones; each question goes with its pack."""
+    by_context: dict[str, list[QAItem]] = {}
+    for item in items:
+        by_context.setdefault(item.context, []).append(item)
+    texts = list(by_context)
+    random.Random(seed).shuffle(texts)
+    packs: list[list[str]] = [[]]
+    used = 0
+    for text in texts:
+        n = engine.count(text) + 1  # + the separator
+        if packs[-1] and used + n > size:
+            packs.append([])
+            used = 0
+        packs[-1].append(text)
+        used += n
+    groups, total = [], 0
+    for j, pack in enumerate(packs):
+        if limit and total >= limit:
+            break
+        questions = [
+            QAItem(f"n{size}:{i.id}", i.question, i.answers, i.context) for text in pack for i in by_context[text]
+        ]
+        if limit:
+            questions = questions[: limit - total]
+        total += len(questions)
+        context = EvalContext(f"n{size}:g{j}", pack)
+        info = {"group_tokens": size, "context_tokens": engine.count(context.text), "length": size}
+        groups.append(Group(context, questions, info))
+    return groups
+
+
+def length_bin_edges(lengths: list[int], bins: int = LENGTH_BINS) -> list[int]:
+    values = sorted(lengths)
+    if not values:
+        return []
+    edges = sorted({values[min(len(values) - 1, (len(values) * q) // bins)] for q in range(1, bins)})
+    return [e for e in edges if e < values[-1]] + [values[-1]]
+
+
+class KnowledgeScenario(Scenario):
+    name = "knowledge"
+    slots = {"qa": T.KNOWLEDGE}
+    dev_metric = {"qa": "f1"}
+
+    def __init__(self, engine: Engine, max_new_tokens: int):
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(self, method: Method, rows: list[tuple[Adapted, QAItem]], templates: dict) -> list[dict]:
+        template = templates["qa"]
+        out = method.generate([(a, template, item.question) for a, item in rows], self.max_new_tokens)
+        results = []
+        for (adapted, item), (answer, prompted) in zip(rows, out, strict=True):
+            results.append(
+                {
+                    "question": item.question,
+                    "answers": item.answers,
+                    "prediction": answer,
+                    "f1": 100 * token_f1(answer, item.answers),
+                    "em": 100 * exact_match(answer, item.answers),
+                    **prompt_facts([prompted], method, adapted, self.engine.count(answer) + 1),
+                }
+            )
+        return results
+
+
+def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
+    """Evaluate the methods on a QA file; write records, JSON, markdown and plots; return the result."""
+    data = Path(config.data or default_data())
+    items = load_qa(data)
+    ga = ga or load_adapter(config)
+    engine = Engine(ga, batch_size=config.batch_size, share_prefix=config.share_prefix)
+    window = config.window or ga.model.config.get_text_config().max_position_embeddings
+    limit = DEFAULT_LIMIT if config.limit is None else config.limit
+    dev = DEFAULT_DEV if config.dev is None else config.dev
+    sizes = sorted(set(config.group_tokens))
+    if any(s < 1 for s in sizes):
+        raise GenAdapterError("--group-tokens sizes must be positive")
+
+    dev_items, test_items = split_dev(items, dev)
+    dev_groups = single_groups(dev_items, engine, prefix="dev:")
+    random.Random(config.seed).shuffle(test_items)
+    if sizes:
+        groups = [g for size in sizes for g in packed_groups(test_items, engine, size, config.seed, limit)]
+    else:
+        groups = single_groups(test_items[:limit] if limit else test_items, engine)
+
+    scenario = KnowledgeScenario(engine, config.max_new_tokens)
+    out = Path(config.out or "out/eval/knowledge")
+    fingerprint = fingerprint_of(
+        "knowledge", ga, config, data, max_new_tokens=config.max_new_tokens, window_tokens=window
+    )
+    runner = Runner(scenario, config, out, fingerprint, progress=config.progress)
+    methods = make_methods(config.methods, engine, window, config.sft)
+    forced = T.parse_forced(config.template, scenario.slots)
+    for method in methods:
+        chosen = runner.select_templates(method, dev_groups, forced)
+        runner.run(method, groups, chosen, block=config.batch_size)
+
+    edges = [] if sizes else length_bin_edges([g.info["context_tokens"] for g in groups])
+
+    def length_of(record: dict) -> int:
+        if sizes:
+            return record["group_tokens"]
+        return next(e for e in edges if record["context_tokens"] <= e)
+
+    metrics, by_length, costs, costs_by_length, all_items, all_contexts = {}, {}, {}, {}, [], []
+    for method in methods:
+        records = runner.item_records(method.name, groups)
+        contexts = runner.context_records(method.name, groups)
+        all_items += records
+        all_contexts += contexts
+        metrics[method.name] = {
+            "f1": mean([r["f1"] for r in records]),
+            "em": mean([r["em"] for r in records]),
+            "n": len(records),
+            "truncated": sum(1 for r in records if r.get("truncated")),
+        }
+        buckets: dict[int, list[dict]] = {}
+        for r in records:
+            buckets.setdefault(length_of(r), []).append(r)
+        by_length[method.name] = [
+            {
+                "length": length,
+                "f1": mean([r["f1"] for r in rs]),
+                "em": mean([r["em"] for r in rs]),
+                "n": len(rs),
+                "truncated": sum(1 for r in rs if r.get("truncated")),
+            }
+            for length, rs in sorted(buckets.items())
+        ]
+        costs[method.name] = cost_summary(contexts, records)
+        costs_by_length[method.name] = cost_by_length(
+            [{**c, "length": length_of(c)} for c in contexts] if not sizes else contexts
+        )
+
+    length_note = (
+        "length = tokens per packed context (--group-tokens)"
+        if sizes
+        else f"length = upper edge of a context-token bin (quartiles of the test contexts: {edges})"
+    )
+    result = {
+        "scenario": "knowledge",
+        "metrics": metrics,
+        "by_length": by_length,
+        "templates": {m.name: runner.templates.get(m.name, {}) for m in methods},
+        "costs": costs,
+        "costs_by_length": costs_by_length,
+        "config": {
+            **config_dict(config, data, ga, window, limit, dev),
+            "group_tokens": sizes,
+            "max_new_tokens": config.max_new_tokens,
+            "test_items": sum(len(g.items) for g in groups),
+            "test_contexts": len(groups),
+            "dev_items": len(dev_items),
+        },
+        "resume": {"skipped_contexts": runner.skipped},
+        "notes": [length_note, "f1/em: SQuAD-normalised, in percent; dev items are never reported"],
+        "items": all_items,
+        "contexts": all_contexts,
+        "versions": versions(),
+        "machine": machine(config.device),
+    }
+    length_rows = [
+        [m, row["length"], fmt(row["f1"]), fmt(row["em"]), row["n"], row["truncated"]]
+        for m, rows in by_length.items()
+        for row in rows
+    ]
+    sections = [
+        ("Results", main_table(metrics, costs, ["f1", "em"], result["templates"])),
+        ("By context length", length_note + "\n\n" + markdown_table(
+            ["method", "length", "f1", "em", "n", "truncated"], length_rows
+        )),
+    ]
+    plots = [
+        (
+            "f1_vs_length.png",
+            lambda p: line_plot(
+                p,
+                {m: [(r["length"], r["f1"]) for r in rows] for m, rows in by_length.items()},
+                "knowledge QA",
+                "context tokens",
+                "F1 (%)",
+            ),
+        ),
+        ("cost_vs_length.png", lambda p: cost_plot(p, costs_by_length)),
+    ]
+    return write_results(out, config.json, result, sections, plots, config.plots)
+
