@@ -32,8 +32,10 @@ def main() -> None:
     document = args.document.read_text()
     started = time.perf_counter()
     state = ga.absorb(document)
-    console.print(f"absorbed {state.num_tokens} tokens into a {state.nbytes / 1024:.0f} KiB state "
-                  f"in {time.perf_counter() - started:.2f}s")
+    console.print(
+        f"absorbed {state.num_tokens} tokens into a {state.nbytes / 1024:.0f} KiB state "
+        f"in {time.perf_counter() - started:.2f}s"
+    )
 
     questions = [q for q in args.questions.read_text().splitlines() if q.strip()]
     prompts = [formats.qa_prompt(q) for q in questions]

@@ -404,6 +404,13 @@ def train_finalize(
     typer.echo(json.dumps(finalize_checkpoint(run_dir), indent=2))
 
 
+# ---- evaluation -------------------------------------------------------------------------------
+
+from .eval import eval_app  # noqa: E402  (its heavy imports happen inside the commands)
+
+app.add_typer(eval_app, name="eval")
+
+
 # ---- service ----------------------------------------------------------------------------------
 
 

@@ -29,10 +29,19 @@ from ..metrics import exact_match
 from . import templates as T
 from .engine import Engine
 from .methods import Adapted, EvalContext, Method, make_methods
-from .report import bar_plot, cost_plot, cost_summary, fmt, line_plot, machine, main_table, markdown_table
-from .report import versions, write_results
-from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean
-from .runner import prompt_facts
+from .report import (
+    bar_plot,
+    cost_plot,
+    cost_summary,
+    fmt,
+    line_plot,
+    machine,
+    main_table,
+    markdown_table,
+    versions,
+    write_results,
+)
+from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
 
 SEEDS = (13, 21, 42, 87, 100)
 SHOTS = (0, 4, 16)
@@ -185,7 +194,9 @@ class ICLScenario(Scenario):
         for owner, value in zip(owners, scored, strict=True):
             by_item.setdefault(owner, []).append(value)
         generate_idx = [i for i, (_, item) in enumerate(rows) if not item.options]
-        generated = method.generate([(rows[i][0], template, rows[i][1].input) for i in generate_idx], self.max_new_tokens)
+        generated = method.generate(
+            [(rows[i][0], template, rows[i][1].input) for i in generate_idx], self.max_new_tokens
+        )
         answers = dict(zip(generate_idx, generated, strict=True))
         results = []
         for index, (adapted, item) in enumerate(rows):
@@ -259,8 +270,9 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
 
     for method in methods:
         chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups_for(method), chosen, block=config.batch_size)
+        runner.run(method, groups_for(method), chosen, block=config.batch_size, block_key=lambda g: g.info["k"])
 
+    demo_tokens = {k: mean([g.info["context_tokens"] for g in groups if g.info["k"] == k]) or 0 for k in shots}
     metrics, per_task, costs, costs_by_k, all_items, all_contexts = {}, {}, {}, {}, [], []
     for method in methods:
         records = runner.item_records(method.name, groups_for(method))
@@ -302,7 +314,7 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
                 rows.append(
                     {
                         "k": k,
-                        "length": mean([c["context_tokens"] for c in ks]) if method.name != "closed-book" else 0,
+                        "length": demo_tokens[k],
                         "contexts": len(ks),
                         "adapt_s": mean([c["adapt_s"] for c in ks]),
                         "latency_s": mean([c["latency_s"] for c in ks]),
@@ -353,7 +365,10 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
             "accuracy_vs_k.png",
             lambda p: line_plot(
                 p,
-                {m: [(k, v[f"accuracy_k{k}"]) for k in shots if v.get(f"accuracy_k{k}") is not None] for m, v in metrics.items()},
+                {
+                    m: [(k, v[f"accuracy_k{k}"]) for k in shots if v.get(f"accuracy_k{k}") is not None]
+                    for m, v in metrics.items()
+                },
                 "MetaICL held-out tasks",
                 "demonstrations k",
                 "accuracy (%)",

@@ -23,8 +23,18 @@ from ..metrics import exact_match, token_f1
 from . import templates as T
 from .engine import Engine
 from .methods import Adapted, EvalContext, Method, make_methods
-from .report import cost_by_length, cost_plot, cost_summary, line_plot, machine, main_table, markdown_table
-from .report import fmt, versions, write_results
+from .report import (
+    cost_by_length,
+    cost_plot,
+    cost_summary,
+    fmt,
+    line_plot,
+    machine,
+    main_table,
+    markdown_table,
+    versions,
+    write_results,
+)
 from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
 
 DEFAULT_LIMIT = 100
@@ -113,7 +123,7 @@ def packed_groups(items: list[QAItem], engine: Engine, size: int, seed: int, lim
     packs: list[list[str]] = [[]]
     used = 0
     for text in texts:
-        n = engine.count(text) + 1  # + the separator
+        n = engine.count(text) + 2  # + the separator (and a token or two of boundary effects)
         if packs[-1] and used + n > size:
             packs.append([])
             used = 0
@@ -199,16 +209,16 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
     runner = Runner(scenario, config, out, fingerprint, progress=config.progress)
     methods = make_methods(config.methods, engine, window, config.sft)
     forced = T.parse_forced(config.template, scenario.slots)
-    for method in methods:
-        chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups, chosen, block=config.batch_size)
-
     edges = [] if sizes else length_bin_edges([g.info["context_tokens"] for g in groups])
 
     def length_of(record: dict) -> int:
         if sizes:
             return record["group_tokens"]
         return next(e for e in edges if record["context_tokens"] <= e)
+
+    for method in methods:
+        chosen = runner.select_templates(method, dev_groups, forced)
+        runner.run(method, groups, chosen, block=config.batch_size, block_key=lambda g: length_of(g.info))
 
     metrics, by_length, costs, costs_by_length, all_items, all_contexts = {}, {}, {}, {}, [], []
     for method in methods:
@@ -274,9 +284,10 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
     ]
     sections = [
         ("Results", main_table(metrics, costs, ["f1", "em"], result["templates"])),
-        ("By context length", length_note + "\n\n" + markdown_table(
-            ["method", "length", "f1", "em", "n", "truncated"], length_rows
-        )),
+        (
+            "By context length",
+            length_note + "\n\n" + markdown_table(["method", "length", "f1", "em", "n", "truncated"], length_rows),
+        ),
     ]
     plots = [
         (
@@ -292,4 +303,3 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
         ("cost_vs_length.png", lambda p: cost_plot(p, costs_by_length)),
     ]
     return write_results(out, config.json, result, sections, plots, config.plots)
-

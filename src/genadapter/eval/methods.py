@@ -51,7 +51,7 @@ class SFTConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_length: int = 512  # the context is cut into training sequences of at most this many tokens
-    batch_size: int = 4  # sequences per optimizer step
+    batch_size: int = 1  # sequences per optimizer step (1 keeps the peak memory of an 8K context low)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,6 +130,7 @@ class Method:
 
     name = "closed-book"
     one_context_at_a_time = False  # sft: the LoRA of one context is live in the model until release()
+    per_context = False  # rows of one context share a prompt prefix or an adapter: batch them together
 
     def __init__(self, engine: Engine, window: int):
         self.engine = engine
@@ -156,11 +157,18 @@ class Method:
         return self.engine.costs.forward_flops(tokens)
 
     def _groups(self, adapted: Sequence[Adapted], chats: Sequence[bool]) -> list[list[int]]:
-        """Row indices answered by one engine call (same chat flag)."""
-        by_chat: dict[bool, list[int]] = defaultdict(list)
-        for i, chat in enumerate(chats):
-            by_chat[chat].append(i)
-        return list(by_chat.values())
+        """Row indices answered by one engine call: one chat flag each; with `per_context`, the rows of a
+        context with several rows together (one shared prefix / one adapter), the lone rows pooled."""
+        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        for i, (a, chat) in enumerate(zip(adapted, chats, strict=True)):
+            groups[(id(a) if self.per_context else 0, chat)].append(i)
+        out, singles = [], defaultdict(list)
+        for (_, chat), idx in groups.items():
+            if len(idx) > 1 or not self.per_context:
+                out.append(idx)
+            else:
+                singles[chat] += idx
+        return out + list(singles.values())
 
     def _states(self, adapted: Sequence[Adapted], idx: list[int]):
         states = [self.state(adapted[i]) for i in idx]
@@ -208,10 +216,12 @@ class Prompting(Method):
 
     name = "prompting"
     safety_tokens = 4
+    per_context = True
 
     def adapt(self, context: EvalContext) -> Adapted:
         ids = self.engine.tokens(context.text)
-        return Adapted(context, context_ids=ids, kept_bytes=self.engine.costs.kv_cache_bytes(len(ids)))
+        kept = self.engine.costs.kv_cache_bytes(min(len(ids), self.window))  # the KV cache of what fits
+        return Adapted(context, context_ids=ids, kept_bytes=kept)
 
     def _context_text(self, adapted: Adapted, keep: int) -> str:
         if keep not in adapted._decoded:
@@ -235,19 +245,6 @@ class Prompting(Method):
             keep = max(0, keep - max(1, tokens + reserve - self.window))
         return Prompted(text, template.chat, tokens, truncated=keep < total, dropped_tokens=total - keep)
 
-    def _groups(self, adapted: Sequence[Adapted], chats: Sequence[bool]) -> list[list[int]]:
-        """Rows about one context together (their shared prefix is computed once); lone rows pooled."""
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
-        for i, (a, chat) in enumerate(zip(adapted, chats, strict=True)):
-            groups[(id(a), chat)].append(i)
-        out, singles = [], defaultdict(list)
-        for (_, chat), idx in groups.items():
-            if len(idx) > 1:
-                out.append(idx)
-            else:
-                singles[chat] += idx
-        return out + [idx for idx in singles.values()]
-
 
 class FineTuning(Method):
     """A fresh PEFT LoRA per context, trained on the context tokens; `release` restores the base LM."""
@@ -267,8 +264,9 @@ class FineTuning(Method):
 
         cfg, model = self.config, self.ga.model
         ids = self.engine.tokens(context.text)
-        pieces = [ids[i : i + cfg.max_length] for i in range(0, len(ids), cfg.max_length)]
-        pieces = [p for p in pieces if len(p) > 1]
+        count = -(-len(ids) // cfg.max_length)  # as few pieces as fit, of equal length (no padding waste)
+        size = -(-len(ids) // count) if count else 0
+        pieces = [p for p in (ids[i : i + size] for i in range(0, len(ids), size or 1)) if len(p) > 1]
         adapted = Adapted(context, context_ids=ids)
         if not pieces:
             return adapted
@@ -329,6 +327,7 @@ class GenAdapterMethod(Method):
     """Absorb the context into a state; answer the question alone with the generated adapter."""
 
     name = "genadapter"
+    per_context = True
 
     def adapt(self, context: EvalContext) -> Adapted:
         docs = [d for d in context.documents if d.strip()]

@@ -24,10 +24,10 @@ from ..errors import GenAdapterError
 from ..metrics import normalize_answer, token_f1
 from . import templates as T
 from .engine import Engine
+from .knowledge import length_bin_edges
 from .methods import Adapted, EvalContext, Method, make_methods
 from .report import bar_plot, cost_by_length, cost_plot, cost_summary, machine, main_table, versions, write_results
-from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean
-from .runner import prompt_facts
+from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
 
 DEFAULT_LIMIT = 40  # test dialogues
 DEFAULT_DEV = 4  # dev dialogues
@@ -111,7 +111,13 @@ def build_groups(
         related = {other for p, u in d.turns for x in (p, u) if x for other in utterances.get(x, ())}
         own = {normalize_answer(f) for f in d.persona}
         pool = sorted(
-            {f for other in everyone if other.id not in related for f in other.persona if normalize_answer(f) not in own}
+            {
+                f
+                for other in everyone
+                if other.id not in related
+                for f in other.persona
+                if normalize_answer(f) not in own
+            }
         )
         items: list = []
         for j, fact in enumerate(d.persona):
@@ -215,9 +221,14 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
     runner = Runner(scenario, config, out, fingerprint, progress=config.progress)
     methods = make_methods(config.methods, engine, window, config.sft)
     forced = T.parse_forced(config.template, scenario.slots)
+    edges = length_bin_edges([g.info["context_tokens"] for g in groups])
+
+    def length_of(record: dict) -> int:
+        return next(e for e in edges if record["context_tokens"] <= e)
+
     for method in methods:
         chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups, chosen, block=config.batch_size)
+        runner.run(method, groups, chosen, block=config.batch_size, block_key=lambda g: length_of(g.info))
 
     metrics, costs, costs_by_length, all_items, all_contexts = {}, {}, {}, [], []
     for method in methods:
@@ -235,11 +246,7 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
             "truncated": sum(1 for r in records if r.get("truncated")),
         }
         costs[method.name] = cost_summary(contexts, records)
-        lengths = sorted(c["context_tokens"] for c in contexts)
-        edges = [lengths[(len(lengths) * q) // 4] for q in range(1, 4)] + lengths[-1:] if lengths else []
-        costs_by_length[method.name] = cost_by_length(
-            [{**c, "length": next(e for e in edges if c["context_tokens"] <= e)} for c in contexts]
-        )
+        costs_by_length[method.name] = cost_by_length([{**c, "length": length_of(c)} for c in contexts])
 
     result = {
         "scenario": "persona",

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .methods import Adapted, EvalContext, Method, SFTConfig
 from .templates import Template
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class CommonConfig:
@@ -51,11 +52,14 @@ class CommonConfig:
     share_prefix: bool = True
     plots: bool = True
     progress: bool | None = None  # None: bars only on a terminal
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
 def load_adapter(config: CommonConfig) -> GenerativeAdapter:
     import torch
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if config.dtype not in dtypes:
         raise GenAdapterError(f"--dtype must be one of {', '.join(dtypes)}")
@@ -243,16 +247,29 @@ class Runner:
 
     # ---- evaluation ---------------------------------------------------------------------------
 
-    def run(self, method: Method, groups: list[Group], templates: dict[str, Template], block: int = 8) -> None:
-        """Evaluate every group not finished yet; contexts of one block are answered in one batch."""
+    def run(
+        self,
+        method: Method,
+        groups: list[Group],
+        templates: dict[str, Template],
+        block: int = 8,
+        block_key: Callable[[Group], Any] | None = None,
+    ) -> None:
+        """Evaluate every group not finished yet. The contexts of one block (up to `block`, all with the
+        same `block_key`, e.g. the same length bin, so latencies stay comparable) are answered together."""
         pending = [g for g in groups if not self.store.done(method.name, g)]
         self.skipped[method.name] = len(groups) - len(pending)
         if not pending:
             return
         step = 1 if method.one_context_at_a_time else max(1, block)
+        blocks: list[list[Group]] = []
+        by_key: dict[Any, list[Group]] = {}
+        for group in pending:
+            by_key.setdefault(block_key(group) if block_key else None, []).append(group)
+        for same in by_key.values():
+            blocks += [same[i : i + step] for i in range(0, len(same), step)]
         bar = tqdm(total=len(pending), desc=f"{self.scenario.name} {method.name}", unit="ctx", disable=self._quiet())
-        for start in range(0, len(pending), step):
-            batch = pending[start : start + step]
+        for batch in blocks:
             self.store.add(self._block(method, batch, templates))
             bar.update(len(batch))
         bar.close()
@@ -318,7 +335,9 @@ class Runner:
         return [self.store.items[(method, i.id)] for g in groups for i in g.items if (method, i.id) in self.store.items]
 
     def context_records(self, method: str, groups: list[Group]) -> list[dict]:
-        return [self.store.contexts[(method, g.context.id)] for g in groups if (method, g.context.id) in self.store.contexts]
+        return [
+            self.store.contexts[(method, g.context.id)] for g in groups if (method, g.context.id) in self.store.contexts
+        ]
 
 
 def fingerprint_of(scenario: str, ga: GenerativeAdapter, config: CommonConfig, data: Path, **extra) -> dict:
@@ -360,6 +379,7 @@ def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, d
         "sft": config.sft.to_dict(),
         "device": config.device,
         "dtype": config.dtype,
+        "threads": config.threads,
         "base": config.base,
         "base_name": ga.base_name,
         "generator": str(config.generator) if config.generator else None,

@@ -1,0 +1,89 @@
+"""Overhead of the generator in one pretraining step, measured in one run on the embedded SmolLM2.
+
+Baseline: what any context-conditioned fine-tuning step must pay anyway — a frozen forward over the
+context chunks plus a forward+backward of the frozen LM over the same target tokens (gradients reach the
+input embeddings only). Generator step: `pretrain_losses` + backward into the generator. Steps alternate,
+median of `--repeats`; prints the ratio and writes JSON.
+
+    python bench/train_step.py --json bench/results/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig  # noqa: E402
+from genadapter.models import load_base  # noqa: E402
+from genadapter.train import TrainConfig  # noqa: E402
+from genadapter.train.objectives import pretrain_losses  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--num-chunks", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=Path("bench/results/train_step.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    name, model, tokenizer = load_base()
+    gen_config = GeneratorConfig(key_dim=96, value_dim=96, rank=96, chunk_size=args.chunk_size, base_model=name)
+    ga = GenerativeAdapter(model, tokenizer, AdapterGenerator.for_model(model, gen_config), name)
+    ga.generator.requires_grad_(True)
+    config = TrainConfig(num_chunks=args.num_chunks, generator=gen_config)
+    w, n = args.chunk_size, args.num_chunks
+    rng = np.random.default_rng(0)
+    sequence = rng.integers(100, 40000, size=n * w).tolist()
+
+    def generator_step() -> None:
+        loss = pretrain_losses(ga, [sequence], config, np.random.default_rng(0))["loss"]
+        loss.backward()
+        ga.generator.zero_grad(set_to_none=True)
+
+    def baseline_step() -> None:
+        chunks = [sequence[i * w : (i + 1) * w] for i in range(n)]
+        ga.encode_chunks(chunks)
+        targets = chunks[1:] + chunks  # completion (n-1) + reconstruction (n) targets, as in the generator step
+        ids, mask = ga.pad(targets)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+
+    for step in (generator_step, baseline_step):  # warm-up
+        step()
+    times: dict[str, list[float]] = {"generator": [], "baseline": []}
+    for _ in range(args.repeats):
+        for label, step in (("generator", generator_step), ("baseline", baseline_step)):
+            started = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - started)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "tokens": {"context": n * w, "targets": (2 * n - 1) * w},
+        "median_s": medians,
+        "overhead": medians["generator"] / medians["baseline"] - 1,
+        "times_s": times,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "generator_config": gen_config.to_dict(),
+    }
+    print(
+        f"generator step {medians['generator']:.2f}s vs frozen-LM fwd+bwd {medians['baseline']:.2f}s: "
+        f"overhead {100 * result['overhead']:+.1f}%"
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The evaluation harness end to end on the tiny random model: JSON, markdown, plots, resuming, templates."""
+
+import json
+
+import pytest
+import torch
+from conftest import TEXT_A, make_adapter
+from typer.testing import CliRunner
+
+from genadapter import GenAdapterError
+from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, eval_app, run_icl, run_knowledge, run_persona
+from genadapter.eval.engine import Engine
+from genadapter.eval.methods import METHODS, EvalContext, FineTuning, Prompting, SFTConfig
+from genadapter.eval.persona import build_groups, parse_personachat
+from genadapter.eval.templates import KNOWLEDGE
+
+FAST_SFT = SFTConfig(epochs=1, max_length=64)
+LONG = "Gustave Eiffel's company designed and built the tower over two years. " * 4 + "The final word is Paris."
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ga():
+    return make_adapter()
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    return write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"context": LONG, "question": "What is the final word?", "answers": ["Paris"]},
+            {"context": LONG, "question": "Who built it?", "answers": ["Gustave Eiffel's company"]},
+            {"context": LONG.replace("Paris", "Rome"), "question": "What is the last word?", "answers": ["Rome"]},
+            {"context": "Marie Curie won two Nobel prizes.", "question": "Who won?", "answers": ["Marie Curie"]},
+            {"context": "Bob likes green tea.", "question": "What does Bob like?", "answers": "green tea"},
+        ],
+    )
+
+
+def line_count(path):
+    return len(path.read_text().splitlines())
+
+
+# ---- engine and methods --------------------------------------------------------------------------
+
+
+def test_shared_prefix_matches_adapter(ga):
+    """Caching the common prompt prefix changes nothing: same scores and answers as GenerativeAdapter."""
+    engine = Engine(ga, batch_size=2, min_prefix=8)
+    calls = []
+    for name in ("_score_shared", "_generate_shared"):
+        original = getattr(engine, name)
+        setattr(engine, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    state = ga.absorb(TEXT_A)
+    prompts = [f"{TEXT_A}\n\nQuestion {i}: where is it?" for i in range(3)]
+    conts = [" Paris", " in France", " London, England"]
+    for s in (None, state):
+        assert engine.score(prompts, conts, s, chat=True) == pytest.approx(ga.score(prompts, conts, state=s), abs=1e-3)
+        for chat in (True, False):
+            expected = ga.generate(prompts, state=s, max_new_tokens=6, chat=chat)
+            assert engine.generate(prompts, s, chat, 6) == expected
+    assert calls.count("_score_shared") == 2 and calls.count("_generate_shared") == 4  # the cached path ran
+    plain = Engine(ga, share_prefix=False)
+    assert plain.score(prompts, conts, None, chat=False) == pytest.approx(ga.score(prompts, conts, chat=False))
+
+
+def test_prompting_truncates_from_the_left(ga):
+    engine = Engine(ga)
+    method = Prompting(engine, window=120)
+    adapted = method.adapt(EvalContext("c", [LONG]))
+    prompted = method.prompt(adapted, KNOWLEDGE[0], "What is the final word?", reserve=10)
+    assert prompted.truncated and prompted.dropped_tokens > 0
+    assert prompted.tokens + 10 <= 120
+    assert "The final word is Paris." in prompted.text  # the newest tokens are kept
+    assert LONG[:40] not in prompted.text
+    roomy = Prompting(engine, window=512).prompt(adapted, KNOWLEDGE[0], "What?", reserve=10)
+    assert not roomy.truncated and LONG in roomy.text
+
+
+def test_sft_restores_the_base_model(ga):
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    before = ga.logits(ids).clone()
+    method = FineTuning(Engine(ga), 512, SFTConfig(epochs=2, lr=1e-2))
+    adapted = method.adapt(EvalContext("c", [TEXT_A]))
+    assert adapted.extra["steps"] == 2 and adapted.kept_bytes > 0
+    assert not torch.allclose(ga.logits(ids), before)
+    method.release(adapted)
+    assert torch.equal(ga.logits(ids), before)
+    assert not any(p.requires_grad for p in ga.model.parameters())
+
+
+# ---- knowledge ------------------------------------------------------------------------------------
+
+
+def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
+    base, gen = tiny_dirs
+    out = tmp_path / "out"
+    args = ["knowledge", "--data", qa_file, "--out", out, "--base", base, "--generator", gen, "--dev", "1"]
+    args += ["--window", "150", "--max-new-tokens", "4", "--sft", "epochs=1", "--sft", "max_length=64"]
+    result = CliRunner().invoke(eval_app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["metrics"]) == set(METHODS)
+    for values in data["metrics"].values():
+        assert {"f1", "em", "n"} <= set(values) and values["n"] >= 2
+    for key in ("config", "costs", "items", "contexts", "versions", "machine", "templates", "by_length"):
+        assert key in data
+    for slots in data["templates"].values():
+        assert slots["qa"]["chosen"] in {t.name for t in KNOWLEDGE}
+        assert set(slots["qa"]["dev_scores"]) == {t.name for t in KNOWLEDGE}
+    # only the long contexts (one is in the test split) overflow the 150-token window, and only prompting
+    # puts the context in the prompt
+    assert data["metrics"]["prompting"]["truncated"] >= 1
+    assert data["costs"]["prompting"]["truncated_items"] == data["metrics"]["prompting"]["truncated"]
+    assert data["metrics"]["closed-book"]["truncated"] == 0
+    assert data["costs"]["genadapter"]["kept_bytes_mean"] > 0 and data["costs"]["sft"]["adapt_s_mean"] > 0
+    assert {i["method"] for i in data["items"]} == set(METHODS) and "prediction" in data["items"][0]
+    assert "| genadapter |" in (out / "results.md").read_text()
+    for png in ("f1_vs_length.png", "cost_vs_length.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert data["resume"]["skipped_contexts"] == {m: 0 for m in METHODS}
+
+    lines = line_count(out / "records.jsonl")
+    again = CliRunner().invoke(eval_app, [str(a) for a in args])
+    assert again.exit_code == 0, again.output
+    resumed = json.loads((out / "results.json").read_text())
+    contexts = data["costs"]["genadapter"]["contexts"]
+    assert resumed["resume"]["skipped_contexts"] == {m: contexts for m in METHODS}
+    assert line_count(out / "records.jsonl") == lines  # nothing recomputed
+    assert resumed["metrics"] == data["metrics"]
+
+
+def test_knowledge_grouped_news_stream(ga, tmp_path):
+    tweets = [f"Tweet {i}: team {i} won the match by {i} goals." for i in range(6)]
+    rows = [
+        {"context": t, "question": f"How many goals did team {i} win by?", "answers": [str(i)]}
+        for i, t in enumerate(tweets)
+    ]
+    data = write_jsonl(tmp_path / "tweets.jsonl", rows)
+    config = KnowledgeConfig(
+        data=data, out=tmp_path / "out", dev=1, methods=["prompting", "genadapter"], group_tokens=[60, 150],
+        max_new_tokens=3, progress=False, limit=3,
+    )  # fmt: skip
+    result = run_knowledge(config, ga=ga)
+    for method in ("prompting", "genadapter"):
+        assert [row["length"] for row in result["by_length"][method]] == [60, 150]
+        assert all(row["n"] <= 3 for row in result["by_length"][method])
+    packs = {c["group"]: c["context_tokens"] for c in result["contexts"]}
+    assert any(tokens > 60 for tokens in packs.values())  # several tweets in one context
+    assert (tmp_path / "out" / "results.md").is_file()
+
+
+def test_other_settings_in_the_same_out_are_refused(ga, tmp_path, qa_file):
+    config = KnowledgeConfig(data=qa_file, out=tmp_path / "o", dev=0, methods=["closed-book"], max_new_tokens=2)
+    result = run_knowledge(config, ga=ga)
+    assert result["templates"]["closed-book"]["qa"]["how"].startswith("default")
+    config.seed = 1
+    with pytest.raises(GenAdapterError, match="seed"):
+        run_knowledge(config, ga=ga)
+
+
+# ---- icl ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def metaicl_dir(tmp_path):
+    root = tmp_path / "metaicl"
+    for task, options in (("colors", ["red", "blue"]), ("echo", [])):
+        folder = root / task
+        folder.mkdir(parents=True)
+
+        def row(i, task=task, options=options):
+            return {
+                "task": task,
+                "input": f"item {i}",
+                "output": options[i % 2] if options else f"{i}",
+                "options": options,
+            }
+
+        write_jsonl(folder / "test.jsonl", [row(i) for i in range(3)])
+        for seed in (13, 21):
+            write_jsonl(folder / f"{task}_16_{seed}_train.jsonl", [row(100 + seed + i) for i in range(16)])
+            write_jsonl(folder / f"{task}_16_{seed}_dev.jsonl", [row(200 + i) for i in range(4)])
+    return root
+
+
+def test_icl_end_to_end(ga, metaicl_dir, tmp_path):
+    config = ICLConfig(
+        data=metaicl_dir, out=tmp_path / "icl", tasks=["all"], shots=[0, 2], seeds=[13, 21], limit=2, dev=2,
+        max_new_tokens=3, sft=FAST_SFT, progress=False,
+    )  # fmt: skip
+    result = run_icl(config, ga=ga)
+    assert set(result["metrics"]) == set(METHODS)
+    for values in result["metrics"].values():
+        assert {"accuracy", "accuracy_k0", "accuracy_k2"} <= set(values)
+        assert 0 <= values["accuracy"] <= 100
+    assert set(result["per_task"]["genadapter"]) == {"colors", "echo"}
+    assert result["metrics"]["closed-book"]["accuracy_k2"] == result["metrics"]["closed-book"]["accuracy_k0"]
+    ks = {(i["method"], i["k"]) for i in result["items"]}
+    assert ("closed-book", 2) not in ks and ("genadapter", 2) in ks and ("sft", 0) in ks
+    assert {i["seed"] for i in result["items"] if i["k"] == 2} == {13, 21}
+    assert all(t["icl"]["chosen"] for t in result["templates"].values())
+    assert result["templates"]["genadapter"]["icl"]["dev_items"] == 2
+    assert (tmp_path / "icl" / "accuracy_vs_k.png").is_file() and (tmp_path / "icl" / "results.md").is_file()
+    scored = [i for i in result["items"] if i["task"] == "colors"]
+    assert all(len(i["option_scores"]) == 2 for i in scored)
+    # a single MetaICL file works too: demonstrations come from the sibling *_train.jsonl files
+    single = ICLConfig(
+        data=metaicl_dir / "colors" / "test.jsonl", out=tmp_path / "icl1", shots=[2], seeds=[13], limit=1, dev=0,
+        methods=["genadapter"], progress=False, plots=False,
+    )  # fmt: skip
+    assert run_icl(single, ga=ga)["metrics"]["genadapter"]["n"] == 1
+
+
+# ---- persona --------------------------------------------------------------------------------------
+
+PERSONA = """1 your persona: i have two dogs.
+2 your persona: i love vintage cars.
+3 hi ! how are you ?\ti am great , walking my two dogs .
+4 nice . i work at a shelter .\tcool . i fix old cars on weekends .
+5 what cars ?\tmustangs , mostly from the sixties .
+1 your persona: i am a nurse.
+2 your persona: my favorite color is green.
+3 hello there .\thi ! i just finished a night shift at the hospital .
+4 that sounds tiring .\tit is , but i like helping people .
+5 what do you do to relax ?\ti paint everything green .
+1 your persona: i play the violin.
+2 your persona: i live in boston.
+3 hey , what is up ?\tjust practicing violin in boston .
+4 do you play in a band ?\tin an orchestra , yes .
+5 that is neat .\tthanks ! do you play music ?
+1 your persona: i hate vegetables.
+2 your persona: i drive a truck.
+3 good morning !\tmorning ! just got back from a long drive in my truck .
+4 where did you go ?\tto texas and back .
+5 did you eat well ?\tonly burgers , i hate vegetables .
+"""
+
+
+def test_persona_end_to_end(ga, tmp_path):
+    path = tmp_path / "persona.txt"
+    path.write_text(PERSONA)
+    dialogues = parse_personachat(path)
+    assert len(dialogues) == 4 and dialogues[0].persona == ["i have two dogs.", "i love vintage cars."]
+    groups = build_groups(dialogues, dialogues, Engine(ga), distractors=2, seed=0)
+    for dialogue, group in zip(dialogues, groups, strict=True):
+        history = group.context.text
+        assert "persona" not in history and dialogue.turns[-1][1] not in history  # hidden facts, no answer
+        recall = [i for i in group.items if hasattr(i, "candidates")]
+        assert all(len(i.candidates) == 3 and i.candidates[i.answer] == i.fact for i in recall)
+        assert not any(c in dialogue.persona for i in recall for c in i.candidates if c != i.fact)
+
+    config = PersonaConfig(
+        data=path, out=tmp_path / "persona", dev=1, limit=2, distractors=2, max_new_tokens=4, sft=FAST_SFT,
+        progress=False,
+    )  # fmt: skip
+    result = run_persona(config, ga=ga)
+    for values in result["metrics"].values():
+        assert {"recall_acc", "reply_f1"} <= set(values) and values["n"] == 2 and values["recall_items"] == 4
+    assert set(result["templates"]["sft"]) == {"recall", "reply"}
+    assert (tmp_path / "persona" / "persona_metrics.png").is_file()
+    assert (tmp_path / "persona" / "cost_vs_length.png").is_file()
+    again = run_persona(config, ga=ga)
+    assert again["resume"]["skipped_contexts"] == {m: 2 for m in METHODS}
