@@ -13,6 +13,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from ..fileio import write_atomic
+from ..train.data import data_root
 from .costs import FLOPS_METHOD, MEMORY_METHOD
 from .runner import mean
 
@@ -20,6 +21,16 @@ log = logging.getLogger(__name__)
 
 
 # ---- costs ----------------------------------------------------------------------------------------
+
+
+def portable_path(path: str | None) -> str | None:
+    """A data path as a reader of the report can use it: files of the shared data folder as ../shared/data/…"""
+    if path is None:
+        return None
+    try:
+        return f"../shared/data/{Path(path).resolve().relative_to(data_root().resolve())}"
+    except ValueError:
+        return str(path)
 
 
 def cost_summary(contexts: list[dict], items: list[dict]) -> dict:
@@ -210,7 +221,7 @@ def write_results(
     md = [f"# genadapter eval: {result['scenario']}", ""]
     md += [
         f"base `{result['config'].get('base_name')}`, generator `{result['config'].get('generator_fingerprint')}`, "
-        f"data `{result['config'].get('data')}`",
+        f"data `{portable_path(result['config'].get('data'))}`",
         "",
     ]
     for title, body in markdown_sections:
