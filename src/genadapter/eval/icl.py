@@ -176,10 +176,6 @@ class ICLScenario(Scenario):
     slots = {"icl": T.ICL}
     dev_metric = {"icl": "accuracy"}
 
-    def __init__(self, engine: Engine, max_new_tokens: int):
-        self.engine = engine
-        self.max_new_tokens = max_new_tokens
-
     def evaluate(self, method: Method, rows: list[tuple[Adapted, ICLItem]], templates: dict) -> list[dict]:
         template = templates["icl"]
         score_rows, owners = [], []

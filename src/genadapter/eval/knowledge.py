@@ -158,10 +158,6 @@ class KnowledgeScenario(Scenario):
     slots = {"qa": T.KNOWLEDGE}
     dev_metric = {"qa": "f1"}
 
-    def __init__(self, engine: Engine, max_new_tokens: int):
-        self.engine = engine
-        self.max_new_tokens = max_new_tokens
-
     def evaluate(self, method: Method, rows: list[tuple[Adapted, QAItem]], templates: dict) -> list[dict]:
         template = templates["qa"]
         out = method.generate([(a, template, item.question) for a, item in rows], self.max_new_tokens)

@@ -138,10 +138,6 @@ class PersonaScenario(Scenario):
     slots = {"recall": T.RECALL, "reply": T.REPLY}
     dev_metric = {"recall": "recall_acc", "reply": "reply_f1"}
 
-    def __init__(self, engine: Engine, max_new_tokens: int):
-        self.engine = engine
-        self.max_new_tokens = max_new_tokens
-
     def evaluate(self, method: Method, rows: list[tuple[Adapted, object]], templates: dict) -> list[dict]:
         recall_t, reply_t = templates["recall"], templates["reply"]
         score_rows, owners = [], []

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..adapter import GenerativeAdapter
 from ..errors import GenAdapterError
 from .costs import Meter
+from .engine import Engine
 from .methods import Adapted, EvalContext, Method, SFTConfig
 from .templates import Template
 
@@ -94,6 +95,10 @@ class Scenario:
     name = ""
     slots: dict[str, Sequence[Template]] = {}
     dev_metric: dict[str, str] = {}  # slot -> key of the per-item result that picks its template
+
+    def __init__(self, engine: Engine, max_new_tokens: int):
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
 
     def evaluate(self, method: Method, rows: list[tuple[Adapted, Any]], templates: dict[str, Template]) -> list[dict]:
         """One result dict per row: metrics, prediction, and prompt facts (see `prompt_facts`)."""
