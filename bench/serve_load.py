@@ -40,15 +40,9 @@ def context_text(i: int) -> str:
 
 
 def tiny_model(directory: Path) -> tuple[Path, Path]:
-    from conftest import make_adapter  # the tests' tiny random llama and byte tokenizer
+    from conftest import save_tiny_dirs  # the tests' tiny random llama and byte tokenizer
 
-    adapter = make_adapter()
-    base, gen = directory / "base", directory / "gen"
-    adapter.model.save_pretrained(base)
-    adapter.tokenizer.save_pretrained(base)
-    adapter.generator.config.base_model = str(base)
-    adapter.generator.save(gen)
-    return base, gen
+    return save_tiny_dirs(directory)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -76,13 +76,17 @@ def ga() -> GenerativeAdapter:
     return make_adapter()
 
 
-@pytest.fixture
-def tiny_dirs(tmp_path):
-    """A tiny base model and a generator saved to disk, as the CLI and from_pretrained load them."""
+def save_tiny_dirs(directory) -> tuple:
+    """A tiny base model and a generator saved under `directory`, as the CLI and from_pretrained load them."""
     adapter = make_adapter()
-    base, gen = tmp_path / "base", tmp_path / "gen"
+    base, gen = directory / "base", directory / "gen"
     adapter.model.save_pretrained(base)
     adapter.tokenizer.save_pretrained(base)
     adapter.generator.config.base_model = str(base)
     adapter.generator.save(gen)
     return base, gen
+
+
+@pytest.fixture
+def tiny_dirs(tmp_path):
+    return save_tiny_dirs(tmp_path)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import TEXT_A, TEXT_B, make_adapter
+from conftest import TEXT_A, TEXT_B, save_tiny_dirs
 from safetensors.torch import load as load_safetensors
 
 from genadapter import ContextState, GenerativeAdapter
@@ -37,14 +37,7 @@ QUESTION = "Where is the tower?"
 @pytest.fixture(scope="module")
 def module_dirs(tmp_path_factory):
     """conftest's tiny_dirs, module-scoped so that one server process serves the whole module."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    adapter = make_adapter()
-    base, gen = tmp / "base", tmp / "gen"
-    adapter.model.save_pretrained(base)
-    adapter.tokenizer.save_pretrained(base)
-    adapter.generator.config.base_model = str(base)
-    adapter.generator.save(gen)
-    return base, gen
+    return save_tiny_dirs(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

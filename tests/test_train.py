@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_A, make_adapter
+from conftest import TEXT_A, make_adapter, tiny_config
 
 from genadapter.train import TrainConfig
 from genadapter.train.data import metaicl_train_tasks, split_wiki
@@ -26,7 +26,7 @@ def tiny_train_config(base, out, **overrides) -> TrainConfig:
         steps=4,
         lr=1e-2,
         warmup_steps=1,
-        generator=dict(key_dim=8, value_dim=8, rank=8, chunk_size=16, alpha=8.0),
+        generator=tiny_config().to_dict(),
         num_chunks=3,
         max_documents=50,
         heldout_docs=20,
