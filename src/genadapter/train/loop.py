@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -71,9 +72,7 @@ class HeldOut:
         stream = TokenStream([f"{t}\n{x}" for t, x in leads], ga.tokenizer)
         rng = np.random.default_rng(HELDOUT_SEED)
         self.sequences = stream.sample(rng, config.num_chunks * ga.config.chunk_size, config.eval_sequences)
-        self.qa = [
-            ex for ex in wiki_examples(leads, __import__("random").Random(HELDOUT_SEED)) if ex.task == "wiki-cloze"
-        ][:8]
+        self.qa = [ex for ex in wiki_examples(leads, random.Random(HELDOUT_SEED)) if ex.task == "wiki-cloze"][:8]
         self.config = config
 
     @torch.no_grad()
