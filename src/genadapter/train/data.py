@@ -110,14 +110,40 @@ def _split_passage_question(task: str, text: str) -> tuple[str, str] | None:
     return None
 
 
-PASSAGE_TASKS = ("quoref", "quail", "superglue-record", "sciq", "boolq", "superglue-multirc", "cosmos_qa")
-_NUMBER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2}|[0-9][0-9,.]*)\b")
+PASSAGE_TASKS = ("quoref", "quail", "superglue-record", "sciq", "boolq", "superglue-multirc", "cosmos_qa", "hotpot_qa")
+_NUMBER = re.compile(r"\b(1[0-9]{3}|20[0-9]{2}|[0-9][0-9,.]*[0-9]|[0-9])\b")
+# A run of capitalised words (names, places, works), allowing lower-case joiners inside: "Bank of England".
+_ENTITY = re.compile(r"\b[A-Z][\w'’-]+(?:\s+(?:of|the|de|da|von|van|and|on)?\s*[A-Z][\w'’-]+)*")
+_BE = r"(?:is|was|are|were)"
+# (sentence pattern, question template, task); SUBJECT stands for the lead's title, group "a" is the answer.
+SUBJECT = "SUBJECT"
+_WH_TEMPLATES = (
+    (rf"^{SUBJECT} {_BE} (?P<a>(?:a|an|the) [^,;.()]+)", "What is {s}?", "wiki-what"),
+    (
+        rf"^{SUBJECT} {_BE} (?:\w+ )?(?:located|situated|based) in (?P<a>{_ENTITY.pattern})",
+        "Where is {s} located?",
+        "wiki-where",
+    ),
+    (rf"^{SUBJECT} .*?\bborn (?:on [^,]+ )?in (?P<a>{_ENTITY.pattern})", "Where was {s} born?", "wiki-where"),
+    (
+        rf"^{SUBJECT} .*?\b(?:founded|established|built|formed|created) in (?P<a>1[0-9]{{3}}|20[0-9]{{2}})",
+        "When was {s} founded?",
+        "wiki-when",
+    ),
+    (
+        rf"^{SUBJECT} .*?\b(?:written|directed|designed|founded|created|developed|composed|painted) by "
+        rf"(?P<a>{_ENTITY.pattern})",
+        "Who created {s}?",
+        "wiki-who",
+    ),
+)
 
 
-def passage_examples(tasks: dict[str, list[dict]], rng: random.Random) -> list[Example]:
+def passage_examples(tasks: dict[str, list[dict]], per_task: int = 600) -> list[Example]:
+    """Passage QA of the training tasks, at most `per_task` each so yes/no tasks (boolq) do not dominate."""
     out = []
     for task in PASSAGE_TASKS:
-        for ex in tasks.get(task, []):
+        for ex in tasks.get(task, [])[:per_task]:
             parts = _split_passage_question(task, ex["input"])
             if parts and parts[0] and parts[1] and len(ex["output"].split()) <= 12:
                 out.append(Example([parts[0]], formats.qa_prompt(parts[1]), ex["output"], task))
@@ -127,20 +153,36 @@ def passage_examples(tasks: dict[str, list[dict]], rng: random.Random) -> list[E
     return out
 
 
+def _cloze(sentence: str, rng: random.Random) -> tuple[str, str] | None:
+    """Blank one name or number (names twice as likely: a number-only diet teaches the adapter to answer years)."""
+    names = [m for m in _ENTITY.finditer(sentence) if m.start() > 0]
+    numbers = list(_NUMBER.finditer(sentence))
+    pool = names * 2 + numbers
+    if not pool:
+        return None
+    match = rng.choice(pool)
+    return sentence[: match.start()] + "____" + sentence[match.end() :], match.group(0)
+
+
 def wiki_examples(leads: list[tuple[str, str]], rng: random.Random) -> list[Example]:
-    """Cloze questions (a year or number blanked out) and title -> first sentence, built without a model."""
+    """Questions a lead answers, built without a model: wh-questions from a few reliable sentence patterns
+    about the title, cloze questions (a name or number blanked out) and title -> first sentence."""
     out = []
     for title, text in leads:
         sentences = re.split(r"(?<=[.!?])\s+", text)
-        if rng.random() < 0.25:
+        if rng.random() < 0.2:
             out.append(Example([text], f"Describe {title} in one sentence.", sentences[0], "wiki-title"))
-        candidates = [s for s in sentences if _NUMBER.search(s) and 6 <= len(s.split()) <= 40]
+        subject = re.escape(title)
+        for pattern, question, task in _WH_TEMPLATES:
+            match = next((m for s in sentences if (m := re.match(pattern.replace(SUBJECT, subject), s))), None)
+            if match and len(match.group("a").split()) <= 10:
+                out.append(Example([text], formats.qa_prompt(question.format(s=title)), match.group("a").strip(), task))
+        candidates = [s for s in sentences if 6 <= len(s.split()) <= 40]
         for sentence in rng.sample(candidates, min(2, len(candidates))):
-            match = rng.choice(list(_NUMBER.finditer(sentence)))
-            blanked = sentence[: match.start()] + "____" + sentence[match.end() :]
-            out.append(
-                Example([text], formats.qa_prompt(f"Fill in the blank: {blanked}"), match.group(0), "wiki-cloze")
-            )
+            cloze = _cloze(sentence, rng)
+            if cloze:
+                prompt = formats.qa_prompt(f"Fill in the blank: {cloze[0]}")
+                out.append(Example([text], prompt, cloze[1], "wiki-cloze"))
     return out
 
 
@@ -172,7 +214,7 @@ def instruction_examples(heldout: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
     tasks = metaicl_train_tasks()
     train_leads, _ = split_wiki(heldout)
-    examples = passage_examples(tasks, rng) + wiki_examples(train_leads, rng)
+    examples = passage_examples(tasks) + wiki_examples(train_leads, rng)
     add_distractors(examples, rng)
     examples += icl_examples(tasks, rng)
     rng.shuffle(examples)
