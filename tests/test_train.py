@@ -50,6 +50,20 @@ def test_pretrain_losses_use_prefix_states():
     assert not torch.isclose(with_adapter["completion"], without["completion"])
 
 
+def test_other_context_control_changes_only_the_adapter_source():
+    ga = make_adapter()
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"]
+    own, other = ids[:64], ids[64:128]
+    config = tiny_train_config("x", "y", num_chunks=4)
+    default = pretrain_losses(ga, [own], config, np.random.default_rng(0))
+    same = pretrain_losses(ga, [own], config, np.random.default_rng(0), adapter_sequences=[own])
+    swapped = pretrain_losses(ga, [own], config, np.random.default_rng(0), adapter_sequences=[other])
+    torch.testing.assert_close(default["loss"], same["loss"])
+    assert not torch.isclose(default["completion"], swapped["completion"])
+    with pytest.raises(ValueError, match="adapter sequences"):
+        pretrain_losses(ga, [own], config, np.random.default_rng(0), adapter_sequences=[other[:10]])
+
+
 def test_test_tasks_never_reach_training_data():
     test_tasks = set(
         json.loads((metaicl_train_tasks.__globals__["data_root"]() / "metaicl/hr_to_lr.json").read_text())["test"]
@@ -68,7 +82,9 @@ def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     final = train(config)
     assert (final / "generator.safetensors").is_file() and (final / "train_config.json").is_file()
     metrics = json.loads((final / "heldout_metrics.json").read_text())
-    assert {"completion_adapter", "completion_base", "reconstruction_adapter", "cloze_f1_adapter"} <= set(metrics)
+    kinds = ("adapter", "other_context", "base")
+    expected = {f"{task}_{kind}" for task in ("completion", "reconstruction") for kind in kinds}
+    assert expected | {"cloze_f1_adapter"} <= set(metrics)
     log = [json.loads(line) for line in (tmp_path / recipe / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
@@ -167,3 +183,51 @@ def test_ddp_smoke_with_two_cpu_processes(tiny_dirs, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ddp" / "generator" / "generator.safetensors").is_file()
+
+
+def test_ablation_runs_variants_writes_a_table_and_skips_finished_runs(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from genadapter.cli import app
+
+    base, gen = tiny_dirs
+    config_file = tmp_path / "cfg.json"
+    config_file.write_text(json.dumps(tiny_train_config(base, tmp_path / "unused").to_dict()))
+    variants = ["Frobenius normalisation", "context distillation"]
+    args = ["train", "ablate", "--config", str(config_file), "--out", str(tmp_path / "abl"), "--design-steps", "2"]
+    args += ["--objective-steps", "2", "--init-generator", str(gen), "--set", "max_context_tokens=48"]
+    result = CliRunner().invoke(app, args + [arg for v in variants for arg in ("--variant", v)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert [r["variant"] for r in rows] == variants and [r["group"] for r in rows] == ["design", "objective"]
+    frobenius = json.loads((tmp_path / "abl" / "Frobenius_normalisation" / "train_config.json").read_text())
+    assert frobenius["generator"]["normalization"] == "frobenius" and frobenius["recipe"] == "pretrain"
+    distill = json.loads((tmp_path / "abl" / "context_distillation" / "train_config.json").read_text())
+    assert distill["objective"] == "distill" and distill["pretrain_every"] == 0
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert table.count("\n") == 2 + len(variants) and "qa_nll gain vs other context" in table
+
+    metrics_file = tmp_path / "abl" / "context_distillation" / "generator" / "heldout_metrics.json"
+    stamp = metrics_file.stat().st_mtime_ns
+    again = CliRunner().invoke(app, args + ["--variant", "context distillation"])
+    assert again.exit_code == 0 and metrics_file.stat().st_mtime_ns == stamp
+
+    unknown = CliRunner().invoke(app, args + ["--variant", "nope"])
+    assert unknown.exit_code == 1 and "unknown variant" in unknown.stderr
+
+
+def test_cli_heldout_scores_a_generator_directory(tiny_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from genadapter.cli import app
+
+    _, gen = tiny_dirs
+    config = tiny_train_config("unused", tmp_path / "x")
+    (gen / "train_config.json").write_text(json.dumps({**config.to_dict(), "base": None}))
+    result = CliRunner().invoke(app, ["train", "heldout", str(gen)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["completion_adapter"] > 0 and "qa_nll_other_context" in metrics
+
+    missing = CliRunner().invoke(app, ["train", "heldout", str(tmp_path)])
+    assert missing.exit_code == 1 and "not a generator directory" in missing.stderr

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,29 +66,55 @@ def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapte
 
 
 class HeldOut:
-    """Fixed held-out Wikipedia sequences (losses) and cloze questions (F1), independent of the run seed."""
+    """Fixed held-out Wikipedia sequences (losses) and questions (answer NLL, cloze F1), independent of the run
+    seed. Every loss is measured three ways: with the adapter of the text itself, with the adapter of *another*
+    held-out text (the control: a gain there is generic — style, domain — not knowledge of the context) and
+    with no adapter."""
 
     def __init__(self, ga: GenerativeAdapter, config: TrainConfig):
         _, leads = split_wiki(config.heldout_docs)
         stream = TokenStream([f"{t}\n{x}" for t, x in leads], ga.tokenizer)
         rng = np.random.default_rng(HELDOUT_SEED)
         self.sequences = stream.sample(rng, config.num_chunks * ga.config.chunk_size, config.eval_sequences)
-        self.qa = [ex for ex in wiki_examples(leads, random.Random(HELDOUT_SEED)) if ex.task == "wiki-cloze"][:8]
-        self.config = config
+        self.other_sequences = self.sequences[1:] + self.sequences[:1]
+        questions = wiki_examples(leads, random.Random(HELDOUT_SEED))
+        self.cloze = [ex for ex in questions if ex.task == "wiki-cloze"][:8]
+        self.questions = questions[:32]  # every question type; answer NLL is far less noisy than F1 on 8 items
+        contexts: list = []  # distinct contexts in order (a context may be a list of passages: not hashable)
+        for ex in questions:
+            if ex.context not in contexts:
+                contexts.append(ex.context)
+        if len(contexts) < 2:
+            raise ValueError("the held-out control needs questions about at least 2 different texts")
+        # each question gets the next distinct held-out text (cyclically): never its own
+        self.other_questions = [
+            replace(ex, context=contexts[(contexts.index(ex.context) + 1) % len(contexts)]) for ex in self.questions
+        ]
+        # both tasks and the answer loss whatever the run trains, so every run is scored the same way
+        self.config = replace(config, objective="answer", completion=True, reconstruction=True)
 
     @torch.no_grad()
     def evaluate(self, ga: GenerativeAdapter) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for with_adapter, suffix in ((True, "adapter"), (False, "base")):
+        conditions = (
+            ("adapter", True, self.sequences, self.questions),
+            ("other_context", True, self.other_sequences, self.other_questions),
+            ("base", False, self.sequences, self.questions),
+        )
+        for suffix, with_adapter, sources, questions in conditions:
             totals: dict[str, list[float]] = {}
-            for seq in self.sequences:
-                losses = pretrain_losses(ga, [seq], self.config, np.random.default_rng(HELDOUT_SEED), with_adapter)
-                for task in ("completion", "reconstruction"):
-                    if task in losses:
-                        totals.setdefault(task, []).append(losses[task].item())
-            metrics.update({f"{task}_{suffix}": float(np.mean(v)) for task, v in totals.items()})
+            for seq, source in zip(self.sequences, sources, strict=True):
+                rng = np.random.default_rng(HELDOUT_SEED)
+                for task, loss in pretrain_losses(ga, [seq], self.config, rng, with_adapter, [source]).items():
+                    totals.setdefault(task, []).append(loss.item())
+            metrics.update({f"{task}_{suffix}": float(np.mean(totals[task])) for task in totals if task != "loss"})
+            nll = [
+                instruct_losses(ga, questions[i : i + 8], self.config, with_adapter)["answer"].item()
+                for i in range(0, len(questions), 8)
+            ]
+            metrics[f"qa_nll_{suffix}"] = float(np.mean(nll))
         f1s = []
-        for ex in self.qa:
+        for ex in self.cloze:
             answer = ga.generate(ex.prompt, state=ga.absorb(ex.context, progress=False), max_new_tokens=10)
             f1s.append(token_f1(answer, [ex.answer]))
         metrics["cloze_f1_adapter"] = 100 * float(np.mean(f1s))
@@ -224,6 +251,19 @@ def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None
     config.save(final / "train_config.json")
     (final / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def evaluate_generator(generator_dir: str | Path) -> dict[str, float]:
+    """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one)."""
+    generator_dir = Path(generator_dir)
+    saved = generator_dir / "train_config.json"
+    values = json.loads(saved.read_text()) if saved.is_file() else {}
+    recorded_base = json.loads((generator_dir / "generator_config.json").read_text()).get("base_model")
+    base = values.get("base") or recorded_base
+    config = TrainConfig(**{**values, "base": base, "init_generator": str(generator_dir)})
+    ga = build_adapter(config, torch.device("cpu"))
+    ga.generator.eval()
+    return HeldOut(ga, config).evaluate(ga)
 
 
 def finalize_checkpoint(run_dir: str | Path) -> dict[str, float]:

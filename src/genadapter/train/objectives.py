@@ -51,18 +51,25 @@ def pretrain_losses(
     config: TrainConfig,
     rng: np.random.Generator,
     with_adapter: bool = True,
+    adapter_sequences: list[list[int]] | None = None,
 ) -> dict[str, Tensor]:
     """Completion (chunk i from the adapter of chunks < i) and reconstruction (a span of the text seen so far
     from the adapter of chunks ≤ i), every target fed alone with positions from 0. One frozen encoding of
-    all chunks serves both tasks; prefix states are a cumulative sum."""
+    all chunks serves both tasks; prefix states are a cumulative sum.
+
+    `adapter_sequences` builds the adapters from other text of the same length instead: the control that
+    separates what the adapter knows about *this* context from a generic gain (style, domain)."""
     w, n, batch = ga.config.chunk_size, config.num_chunks, len(sequences)
-    chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
+    source = sequences if adapter_sequences is None else adapter_sequences
+    if len(source) != batch or any(len(s) < n * w for s in source):
+        raise ValueError(f"need {batch} adapter sequences of at least {n * w} tokens")
     prefix = None
     if with_adapter:
-        hidden, mask = ga.encode_chunks(chunks)
+        hidden, mask = ga.encode_chunks([seq[i * w : (i + 1) * w] for seq in source for i in range(n)])
         prefix = {
             k: v.view(batch, n, *v.shape[1:]).cumsum(1) for k, v in ga.generator.chunk_states(hidden, mask).items()
         }
+    chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
     targets, states, tasks = [], [], []
     if config.completion:
         targets += [chunks[b * n + i] for b in range(batch) for i in range(1, n)]
@@ -96,9 +103,12 @@ def _truncate(documents: list[list[int]], budget: int) -> list[list[int]]:
     return out
 
 
-def instruct_losses(ga: GenerativeAdapter, examples: list[Example], config: TrainConfig) -> dict[str, Tensor]:
+def instruct_losses(
+    ga: GenerativeAdapter, examples: list[Example], config: TrainConfig, with_adapter: bool = True
+) -> dict[str, Tensor]:
     """Answer NLL of the adapted LM (prompt without context), and/or KL to the frozen LM that reads the
-    context in its prompt (context distillation), over the answer tokens."""
+    context in its prompt (context distillation), over the answer tokens. `with_adapter=False` scores the
+    bare LM (the closed-book reference)."""
     tok = ga.tokenizer
     contexts = [_truncate(ga.tokenize_context(ex.context), config.max_context_tokens) for ex in examples]
     answers = [
@@ -109,7 +119,7 @@ def instruct_losses(ga: GenerativeAdapter, examples: list[Example], config: Trai
     answer_mask = torch.zeros_like(mask)
     for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         answer_mask[row, len(p) : len(p) + len(a)] = 1
-    student = adapted_logits(ga, ids, mask, context_states(ga, contexts))
+    student = adapted_logits(ga, ids, mask, context_states(ga, contexts) if with_adapter else None)
     losses = {}
     if config.objective in ("answer", "mix"):
         losses["answer"] = row_nll(student, ids, answer_mask).mean()
