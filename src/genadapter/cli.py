@@ -367,16 +367,19 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return values
 
 
-def _run_recipe(recipe: str, config: Path | None, overrides: list[str] | None) -> None:
+def _train_config(config: Path | None, values: dict):
     from .train import TrainConfig
-    from .train.loop import train
 
-    values = {**parse_overrides(overrides), "recipe": recipe}
     try:
-        train_config = TrainConfig.load(config, values) if config else TrainConfig(**values)
+        return TrainConfig.load(config, values) if config else TrainConfig(**values)
     except TypeError as exc:
         raise GenAdapterError(f"bad training config: {exc}") from exc
-    final = train(train_config)
+
+
+def _run_recipe(recipe: str, config: Path | None, overrides: list[str] | None) -> None:
+    from .train.loop import train
+
+    final = train(_train_config(config, {**parse_overrides(overrides), "recipe": recipe}))
     typer.echo(f"wrote generator to {final}", err=True)
 
 
@@ -402,6 +405,43 @@ def train_finalize(
     from .train.loop import finalize_checkpoint
 
     typer.echo(json.dumps(finalize_checkpoint(run_dir), indent=2))
+
+
+@train_app.command("heldout")
+def train_heldout(
+    generator: Annotated[Path, typer.Argument(metavar="GENERATOR_DIR", help="A generator directory.")],
+) -> None:
+    """Score a generator on the fixed held-out set: losses with its adapter, another context's, and none."""
+    import json
+
+    from .train.loop import evaluate_generator
+
+    if not (generator / "generator_config.json").is_file():
+        raise GenAdapterError(f"{generator} is not a generator directory (no generator_config.json)")
+    typer.echo(json.dumps(evaluate_generator(generator), indent=2))
+
+
+@train_app.command("ablate")
+def train_ablate(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="One folder per variant + ablation.md/json.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    design_steps: Annotated[int, typer.Option(help="Steps of each from-scratch pretraining variant.")] = 50,
+    objective_steps: Annotated[int, typer.Option(help="Steps of each instruction-objective variant.")] = 30,
+    init_generator: Annotated[
+        str | None, typer.Option(metavar="DIR", help="Generator the objective variants continue from.")
+    ] = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Run only these variants (repeatable).")] = None,
+) -> None:
+    """Equal-budget runs that change one design choice each; writes a table of held-out gains (resumable)."""
+    from .train.ablation import run_ablation
+
+    base = _train_config(config, parse_overrides(set_))
+    try:
+        run_ablation(base, out, design_steps, objective_steps, init_generator, variant)
+    except ValueError as exc:
+        raise GenAdapterError(str(exc)) from exc
+    typer.echo((out / "ablation.md").read_text())
 
 
 # ---- evaluation -------------------------------------------------------------------------------
