@@ -32,6 +32,11 @@ def question_answer(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def answer_only(question: str) -> str:
+    """A stricter short-answer instruction: small LMs otherwise answer extractive questions in full sentences."""
+    return f"{question}\nReply with only the answer (a name, number or short phrase), not a sentence."
+
+
 PARTNER, USER = "Partner", "User"
 
 

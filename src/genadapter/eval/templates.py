@@ -29,6 +29,8 @@ KNOWLEDGE = (
     Template("qa-chat", formats.qa_prompt, True),
     Template("qa-plain", formats.qa_prompt, False),
     Template("question-answer-plain", formats.question_answer, False),
+    Template("question-answer-chat", formats.question_answer, True),
+    Template("answer-only-chat", formats.answer_only, True),
 )
 ICL = (
     Template("icl-chat", formats.icl_query, True),
