@@ -32,8 +32,8 @@ def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> di
     return out
 
 
-def adapted_logits(ga: GenerativeAdapter, ids: Tensor, mask: Tensor, sums: dict[str, Tensor] | None) -> Tensor:
-    normalized = ga.generator.normalize(sums) if sums is not None else None
+def adapted_logits(ga: GenerativeAdapter, ids: Tensor, mask: Tensor, normalized: dict[str, Tensor] | None) -> Tensor:
+    """Logits of the LM with one normalised state per row (name -> (N, R1, R2)), or of the bare LM (None)."""
     with ga.injector.activate(normalized):
         return ga.model(input_ids=ids, attention_mask=mask).logits.float()
 
@@ -66,8 +66,11 @@ def pretrain_losses(
     prefix = None
     if with_adapter:
         hidden, mask = ga.encode_chunks([seq[i * w : (i + 1) * w] for seq in source for i in range(n)])
+        sums = {k: v.view(batch, n, *v.shape[1:]).cumsum(1) for k, v in ga.generator.chunk_states(hidden, mask).items()}
+        # normalise each of the batch·n prefix states once; completion rows reuse those of reconstruction
         prefix = {
-            k: v.view(batch, n, *v.shape[1:]).cumsum(1) for k, v in ga.generator.chunk_states(hidden, mask).items()
+            k: v.view(batch, n, *v.shape[1:])
+            for k, v in ga.generator.normalize({k: v.flatten(0, 1) for k, v in sums.items()}).items()
         }
     chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
     targets, states, tasks = [], [], []
@@ -82,9 +85,9 @@ def pretrain_losses(
                 targets.append(sequences[b][start : start + w])
         states.append(prefix)
         tasks += ["reconstruction"] * (batch * n)
-    sums = {k: torch.cat([s[k].reshape(-1, *s[k].shape[2:]) for s in states]) for k in prefix} if prefix else None
+    rows = {k: torch.cat([s[k].reshape(-1, *s[k].shape[2:]) for s in states]) for k in prefix} if prefix else None
     ids, mask = ga.pad(targets)
-    nll = row_nll(adapted_logits(ga, ids, mask, sums), ids, mask)
+    nll = row_nll(adapted_logits(ga, ids, mask, rows), ids, mask)
     task_t = np.array(tasks)
     losses = {
         task: nll[torch.from_numpy(task_t == task)].mean() for task in ("completion", "reconstruction") if task in tasks
@@ -119,7 +122,8 @@ def instruct_losses(
     answer_mask = torch.zeros_like(mask)
     for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         answer_mask[row, len(p) : len(p) + len(a)] = 1
-    student = adapted_logits(ga, ids, mask, context_states(ga, contexts) if with_adapter else None)
+    normalized = ga.generator.normalize(context_states(ga, contexts)) if with_adapter else None
+    student = adapted_logits(ga, ids, mask, normalized)
     losses = {}
     if config.objective in ("answer", "mix"):
         losses["answer"] = row_nll(student, ids, answer_mask).mean()
