@@ -68,12 +68,12 @@ def pretrain_losses(
     prefix = None
     if with_adapter:
         hidden, mask = ga.encode_chunks([seq[i * w : (i + 1) * w] for seq in source for i in range(n)])
-        sums = {k: v.view(batch, n, *v.shape[1:]).cumsum(1) for k, v in ga.generator.chunk_states(hidden, mask).items()}
-        # normalise each of the batch·n prefix states once; completion rows reuse those of reconstruction
-        prefix = {
-            k: v.view(batch, n, *v.shape[1:])
-            for k, v in ga.generator.normalize({k: v.flatten(0, 1) for k, v in sums.items()}).items()
+        # prefix sums (batch·n, R1, R2), each normalised once: completion rows reuse those of reconstruction
+        sums = {
+            k: v.view(batch, n, *v.shape[1:]).cumsum(1).flatten(0, 1)
+            for k, v in ga.generator.chunk_states(hidden, mask).items()
         }
+        prefix = {k: v.view(batch, n, *v.shape[1:]) for k, v in ga.generator.normalize(sums).items()}
     chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
     targets, states, tasks = [], [], []
     if config.completion:
