@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import TEXT_A, make_adapter, tiny_config
 
+from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
-from genadapter.train.data import metaicl_train_tasks, split_wiki
+from genadapter.train.data import instruction_examples, metaicl_train_tasks, split_wiki
+from genadapter.train.facts import fact_questions
 from genadapter.train.loop import TrainingError, train
 from genadapter.train.objectives import pretrain_losses
 
@@ -73,6 +75,30 @@ def test_test_tasks_never_reach_training_data():
     assert not {t for t, _ in heldout} & {t for t, _ in train_leads}
 
 
+def test_fact_questions_are_answered_by_their_context_only():
+    import random
+
+    triples = fact_questions(random.Random(0), 40)
+    assert len(triples) == 40 and triples == fact_questions(random.Random(0), 40)
+    for context, question, answer in triples:
+        # the answer is in the context (in exactly one of its paragraphs: the others are distractors)
+        assert sum(answer in paragraph for paragraph in context) >= 1, (context, answer)
+        assert answer not in question
+    # random values: the same question wording gets many different answers across entities
+    answers = {a for _, q, a in triples if "born" in q or "founded" in q or "members" in q}
+    assert len(answers) > 3
+    assert any(len(context) > 1 for context, _, _ in triples)
+
+
+def test_instruction_sources_choose_the_mix():
+    facts_only = instruction_examples(50, seed=0, sources=["facts"], facts=30)
+    assert len(facts_only) == 30 and {ex.task for ex in facts_only} == {"facts"}
+    with pytest.raises(GenAdapterError, match="unknown instruction sources"):
+        instruction_examples(50, seed=0, sources=["facts", "web"])
+    with pytest.raises(GenAdapterError, match="gave no examples"):
+        instruction_examples(50, seed=0, sources=["facts"], facts=0)
+
+
 @pytest.mark.parametrize("recipe", ["pretrain", "instruct"])
 def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     base, gen = tiny_dirs
@@ -84,6 +110,7 @@ def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     metrics = json.loads((final / "heldout_metrics.json").read_text())
     kinds = ("adapter", "other_context", "base")
     expected = {f"{task}_{kind}" for task in ("completion", "reconstruction") for kind in kinds}
+    expected |= {f"{task}_nll_{kind}" for task in ("qa", "facts") for kind in kinds}
     assert expected | {"cloze_f1_adapter"} <= set(metrics)
     log = [json.loads(line) for line in (tmp_path / recipe / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]

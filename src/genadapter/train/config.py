@@ -42,6 +42,11 @@ class TrainConfig:
     pretrain_every: int = field(
         default=4, metadata={"help": "Instruct: every k-th step is a pretraining batch (0 = never)."}
     )
+    sources: list[str] = field(
+        default_factory=lambda: ["passages", "wiki", "icl", "facts"],
+        metadata={"help": "Instruct data: any of passages, wiki, icl, facts (train/data.py, train/facts.py)."},
+    )
+    facts: int = field(default=0, metadata={"help": "Instruct: synthetic fact questions to mix in."})
     max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})
     max_documents: int = field(default=0, metadata={"help": "Cap on pretraining documents (0 = all); for smoke tests."})
     heldout_docs: int = field(default=200, metadata={"help": "Wikipedia leads kept out of training for evaluation."})

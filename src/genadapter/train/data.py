@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import formats
 from ..errors import GenAdapterError
+from .facts import fact_questions
 
 DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
 HELDOUT_SEED = 1234  # fixed across runs so held-out numbers compare
@@ -210,12 +211,33 @@ def add_distractors(examples: list[Example], rng: random.Random, probability: fl
             rng.shuffle(ex.context)
 
 
-def instruction_examples(heldout: int, seed: int) -> list[Example]:
+def fact_examples(rng: random.Random, count: int) -> list[Example]:
+    """Questions about invented entities (train/facts.py): answers only the context can give."""
+    return [Example(c, formats.qa_prompt(q), a, "facts") for c, q, a in fact_questions(rng, count)]
+
+
+INSTRUCTION_SOURCES = ("passages", "wiki", "icl", "facts")
+
+
+def instruction_examples(heldout: int, seed: int, sources=INSTRUCTION_SOURCES, facts: int = 0) -> list[Example]:
+    """The instruction mix from the chosen sources; `facts` synthetic fact questions when "facts" is one."""
+    unknown = set(sources) - set(INSTRUCTION_SOURCES)
+    if unknown:
+        raise GenAdapterError(f"unknown instruction sources {sorted(unknown)}; choose from {INSTRUCTION_SOURCES}")
     rng = random.Random(seed)
     tasks = metaicl_train_tasks()
     train_leads, _ = split_wiki(heldout)
-    examples = passage_examples(tasks) + wiki_examples(train_leads, rng)
+    examples = []
+    if "passages" in sources:
+        examples += passage_examples(tasks)
+    if "wiki" in sources:
+        examples += wiki_examples(train_leads, rng)
     add_distractors(examples, rng)
-    examples += icl_examples(tasks, rng)
+    if "icl" in sources:
+        examples += icl_examples(tasks, rng)
+    if "facts" in sources:
+        examples += fact_examples(rng, facts)  # they carry their own distractor paragraphs
+    if not examples:
+        raise GenAdapterError(f"the instruction sources {list(sources)} gave no examples")
     rng.shuffle(examples)
     return examples

@@ -23,7 +23,16 @@ from ..generator import AdapterGenerator
 from ..metrics import token_f1
 from ..models import load_base
 from .config import TrainConfig
-from .data import HELDOUT_SEED, TokenStream, instruction_examples, pretrain_documents, split_wiki, wiki_examples
+from .data import (
+    HELDOUT_SEED,
+    Example,
+    TokenStream,
+    fact_examples,
+    instruction_examples,
+    pretrain_documents,
+    split_wiki,
+    wiki_examples,
+)
 from .objectives import instruct_losses, pretrain_losses
 
 
@@ -65,11 +74,23 @@ def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapte
     return GenerativeAdapter(model, tokenizer, generator, base_name)
 
 
+def with_other_contexts(questions: list[Example]) -> list[Example]:
+    """Each question with the next distinct context of the list (cyclically), never its own: the control."""
+    contexts: list = []  # distinct contexts in order (a context may be a list of passages: not hashable)
+    for ex in questions:
+        if ex.context not in contexts:
+            contexts.append(ex.context)
+    if len(contexts) < 2:
+        raise ValueError("the held-out control needs questions about at least 2 different texts")
+    return [replace(ex, context=contexts[(contexts.index(ex.context) + 1) % len(contexts)]) for ex in questions]
+
+
 class HeldOut:
-    """Fixed held-out Wikipedia sequences (losses) and questions (answer NLL, cloze F1), independent of the run
-    seed. Every loss is measured three ways: with the adapter of the text itself, with the adapter of *another*
-    held-out text (the control: a gain there is generic — style, domain — not knowledge of the context) and
-    with no adapter."""
+    """Fixed held-out Wikipedia sequences (losses), questions (answer NLL, cloze F1) and synthetic fact questions,
+    independent of the run seed. Every loss is measured three ways: with the adapter of the text itself, with
+    the adapter of *another* held-out text (the control: a gain there is generic — style, domain — not knowledge
+    of the context) and with no adapter. The fact questions have answers nothing but the context gives, so their
+    gap between "adapter" and "other_context" is the plainest measure of what the adapter stores."""
 
     def __init__(self, ga: GenerativeAdapter, config: TrainConfig):
         _, leads = split_wiki(config.heldout_docs)
@@ -79,17 +100,9 @@ class HeldOut:
         self.other_sequences = self.sequences[1:] + self.sequences[:1]
         questions = wiki_examples(leads, random.Random(HELDOUT_SEED))
         self.cloze = [ex for ex in questions if ex.task == "wiki-cloze"][:8]
-        self.questions = questions[:32]  # every question type; answer NLL is far less noisy than F1 on 8 items
-        contexts: list = []  # distinct contexts in order (a context may be a list of passages: not hashable)
-        for ex in questions:
-            if ex.context not in contexts:
-                contexts.append(ex.context)
-        if len(contexts) < 2:
-            raise ValueError("the held-out control needs questions about at least 2 different texts")
-        # each question gets the next distinct held-out text (cyclically): never its own
-        self.other_questions = [
-            replace(ex, context=contexts[(contexts.index(ex.context) + 1) % len(contexts)]) for ex in self.questions
-        ]
+        # every question type; answer NLL is far less noisy than F1 on 8 items
+        self.questions = {"qa": questions[:32], "facts": fact_examples(random.Random(HELDOUT_SEED), 32)}
+        self.other_questions = {name: with_other_contexts(qs) for name, qs in self.questions.items()}
         # both tasks and the answer loss whatever the run trains, so every run is scored the same way
         self.config = replace(config, objective="answer", completion=True, reconstruction=True)
 
@@ -108,11 +121,12 @@ class HeldOut:
                 for task, loss in pretrain_losses(ga, [seq], self.config, rng, with_adapter, [source]).items():
                     totals.setdefault(task, []).append(loss.item())
             metrics.update({f"{task}_{suffix}": float(np.mean(totals[task])) for task in totals if task != "loss"})
-            nll = [
-                instruct_losses(ga, questions[i : i + 8], self.config, with_adapter)["answer"].item()
-                for i in range(0, len(questions), 8)
-            ]
-            metrics[f"qa_nll_{suffix}"] = float(np.mean(nll))
+            for name, items in questions.items():
+                nll = [
+                    instruct_losses(ga, items[i : i + 8], self.config, with_adapter)["answer"].item()
+                    for i in range(0, len(items), 8)
+                ]
+                metrics[f"{name}_nll_{suffix}"] = float(np.mean(nll))
         f1s = []
         for ex in self.cloze:
             answer = ga.generate(ex.prompt, state=ga.absorb(ex.context, progress=False), max_new_tokens=10)
@@ -160,7 +174,11 @@ def train(config: TrainConfig) -> Path:
     ga.generator.requires_grad_(True).train()
     seq_len = config.num_chunks * ga.config.chunk_size
     stream = TokenStream(pretrain_documents(config.heldout_docs, config.max_documents), ga.tokenizer)
-    examples = instruction_examples(config.heldout_docs, config.seed) if config.recipe == "instruct" else []
+    examples = (
+        instruction_examples(config.heldout_docs, config.seed, config.sources, config.facts)
+        if config.recipe == "instruct"
+        else []
+    )
     heldout = HeldOut(ga, config)
 
     trainer = GeneratorTrainer(ga, config)

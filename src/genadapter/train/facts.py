@@ -1,0 +1,213 @@
+"""Synthetic fact paragraphs: invented entities with random attributes, and questions about them.
+
+Why: in the Wikipedia and MetaICL questions most of the answer can be guessed without the context (a cloze
+prompt holds the whole sentence around the blank; a wh-question names a topic the LM has priors about), so
+an adapter that only teaches the answer *format* already gets most of the loss down, and the generator never
+has to store anything. Here every name and value is drawn at random, so the answer is unguessable: the only
+way to lower its loss is to carry it from the context into the adapter. Paragraphs of other invented entities
+serve as distractors, so the generator must store several at once and the question must pick the right one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "w", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "y")
+_CODAS = ("", "", "n", "r", "l", "s", "th", "nd", "rk", "ck", "m", "st")
+FIRST_NAMES = (
+    "Anna Ben Clara David Elin Farid Greta Hugo Ines Jonas Kaito Lena Marta Nils Olga Pavel Quinn Rosa Samir Tove "
+    "Umar Vera Wim Yara Zofia Amara Bruno Chen Dario Esme Felix Hana Ivo Jana Kofi Luca Mira Noor Otto Priya"
+).split()
+PROFESSIONS = (
+    "baker carpenter nurse pilot chemist architect librarian fisherman teacher surgeon painter engineer "
+    "translator gardener jeweller potter astronomer tailor violinist geologist"
+).split()
+SUBJECTS = "physics history music law medicine geology botany chemistry philosophy economics mathematics".split()
+PRODUCTS = (
+    "wool timber salt copper glassware cheese paper rope olive oil honey silk porcelain clocks bicycles tea".split()
+)
+COLOURS = "red green blue yellow purple orange white black grey brown".split()
+ANIMALS = "fox owl horse otter heron wolf hare badger swan lynx".split()
+INSTRUMENTS = "violin cello flute harp trumpet piano drums guitar oboe accordion".split()
+MONTHS = "January February March April May June July August September October November December".split()
+WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+
+
+def invented_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> str:
+    """A pronounceable made-up word (a surname, a town, a company) the LM has no prior about."""
+    parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.randint(*syllables))]
+    return ("".join(parts) + rng.choice(_CODAS)).capitalize()
+
+
+def person(rng: random.Random) -> str:
+    return f"{rng.choice(FIRST_NAMES)} {invented_word(rng)}"
+
+
+# One fact = (sentence, question, answer); a kind of entity = a name maker + fact makers taking (rng, name).
+Fact = tuple[str, str, str]
+FactMaker = Callable[[random.Random, str], Fact]
+
+
+def _person_facts() -> list[FactMaker]:
+    def born(rng, n):
+        year, town = str(rng.randint(1850, 2005)), invented_word(rng)
+        return rng.choice(
+            (
+                (f"{n} was born in {town} in {year}.", f"Where was {n} born?", town),
+                (f"{n} was born in {year} in the town of {town}.", f"In which year was {n} born?", year),
+            )
+        )
+
+    def job(rng, n):
+        work, firm = rng.choice(PROFESSIONS), f"{invented_word(rng)} {rng.choice(('Works', 'Group', 'and Sons'))}"
+        return rng.choice(
+            (
+                (f"{n} works as a {work} for {firm}.", f"What is {n}'s job?", work),
+                (f"{n} is a {work} employed by {firm}.", f"Which company does {n} work for?", firm),
+            )
+        )
+
+    def study(rng, n):
+        subject, uni = rng.choice(SUBJECTS), f"the University of {invented_word(rng)}"
+        return rng.choice(
+            (
+                (f"{n} studied {subject} at {uni}.", f"What did {n} study?", subject),
+                (f"At {uni}, {n} earned a degree in {subject}.", f"Where did {n} study?", uni),
+            )
+        )
+
+    def family(rng, n):
+        other = person(rng)
+        return rng.choice(
+            (
+                (f"{n} is married to {other}.", f"Who is {n} married to?", other),
+                (f"{n}'s closest friend is {other}.", f"Who is {n}'s closest friend?", other),
+            )
+        )
+
+    def hobby(rng, n):
+        instrument, animal = rng.choice(INSTRUMENTS), rng.choice(ANIMALS)
+        return rng.choice(
+            (
+                (f"In the evenings {n} plays the {instrument}.", f"Which instrument does {n} play?", instrument),
+                (f"{n} keeps a pet {animal} called {invented_word(rng)}.", f"What kind of pet does {n} keep?", animal),
+            )
+        )
+
+    return [born, job, study, family, hobby]
+
+
+def _place_facts() -> list[FactMaker]:
+    def founded(rng, n):
+        year, founder = str(rng.randint(1100, 1950)), person(rng)
+        return rng.choice(
+            (
+                (f"{n} was founded in {year} by {founder}.", f"When was {n} founded?", year),
+                (f"{founder} founded {n} in {year}.", f"Who founded {n}?", founder),
+            )
+        )
+
+    def located(rng, n):
+        region, river = invented_word(rng), invented_word(rng)
+        return rng.choice(
+            (
+                (f"{n} lies in the province of {region}.", f"In which province is {n}?", region),
+                (f"{n} stands on the banks of the river {river}.", f"Which river flows through {n}?", river),
+            )
+        )
+
+    def economy(rng, n):
+        product = rng.choice(PRODUCTS)
+        return (f"{n} is best known for making {product}.", f"What is {n} known for making?", product)
+
+    def people(rng, n):
+        leader, population = person(rng), f"{rng.randint(2, 95)},{rng.randint(100, 999)}"
+        return rng.choice(
+            (
+                (f"The leader of the {n} council is {leader}.", f"Who leads the council of {n}?", leader),
+                (f"{n} has a population of {population}.", f"How many people live in {n}?", population),
+            )
+        )
+
+    def custom(rng, n):
+        month, colour = rng.choice(MONTHS), rng.choice(COLOURS)
+        return rng.choice(
+            (
+                (f"Every {month}, {n} celebrates its harvest fair.", f"In which month is the fair of {n}?", month),
+                (f"The houses of {n} are painted {colour}.", f"What colour are the houses of {n}?", colour),
+            )
+        )
+
+    return [founded, located, economy, people, custom]
+
+
+def _organisation_facts() -> list[FactMaker]:
+    def leader(rng, n):
+        boss, year = person(rng), str(rng.randint(1900, 2024))
+        return rng.choice(
+            (
+                (f"{n} is run by {boss}.", f"Who runs {n}?", boss),
+                (f"{n} was set up in {year}.", f"When was {n} set up?", year),
+            )
+        )
+
+    def base(rng, n):
+        city, day = invented_word(rng), rng.choice(WEEKDAYS)
+        return rng.choice(
+            (
+                (f"The headquarters of {n} are in {city}.", f"Where are the headquarters of {n}?", city),
+                (f"The members of {n} meet every {day}.", f"On which day do the members of {n} meet?", day),
+            )
+        )
+
+    def symbol(rng, n):
+        animal, colour = rng.choice(ANIMALS), rng.choice(COLOURS)
+        return rng.choice(
+            (
+                (f"The emblem of {n} is a {animal}.", f"What animal is on the emblem of {n}?", animal),
+                (f"The flag of {n} is {colour}.", f"What colour is the flag of {n}?", colour),
+            )
+        )
+
+    def size(rng, n):
+        members = str(rng.randint(12, 900))
+        return (f"{n} has {members} members.", f"How many members does {n} have?", members)
+
+    return [leader, base, symbol, size]
+
+
+# (name maker, fact makers, sentence introducing the entity)
+_KINDS: tuple[tuple[Callable[[random.Random], str], list[FactMaker], str], ...] = (
+    (person, _person_facts(), "{n} is a person from the island of {w}."),
+    (lambda rng: invented_word(rng), _place_facts(), "{n} is a town on the island of {w}."),
+    (
+        lambda rng: f"the {invented_word(rng)} {rng.choice(('Society', 'Club', 'Guild', 'Company'))}",
+        _organisation_facts(),
+        "{N} is an organisation on the island of {w}.",
+    ),
+)
+
+
+def fact_paragraph(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """One invented entity: a paragraph of 3–5 facts and the (question, answer) pair of each."""
+    make_name, makers, intro = rng.choice(_KINDS)
+    name = make_name(rng)
+    facts = [maker(rng, name) for maker in rng.sample(makers, min(len(makers), rng.randint(3, 5)))]
+    capital = name[0].upper() + name[1:]
+    sentences = [intro.format(n=name, N=capital, w=invented_word(rng))]
+    sentences += [s[0].upper() + s[1:] for s, _, _ in facts]
+    return " ".join(sentences), [(q, a) for _, q, a in facts]
+
+
+def fact_questions(rng: random.Random, count: int, max_distractors: int = 2) -> list[tuple[list[str], str, str]]:
+    """`count` (context, question, answer) triples about invented entities; each entity's paragraph is shuffled
+    among 0–`max_distractors` paragraphs about other invented entities, and two of its facts are asked."""
+    out = []
+    while len(out) < count:
+        paragraph, questions = fact_paragraph(rng)
+        context = [paragraph] + [fact_paragraph(rng)[0] for _ in range(rng.randint(0, max_distractors))]
+        rng.shuffle(context)
+        out += [(list(context), q, a) for q, a in rng.sample(questions, min(2, len(questions)))]
+    return out[:count]
