@@ -26,12 +26,13 @@ def main() -> None:
     parser.add_argument("--document", type=Path, default=HERE / "tarnwick.txt")
     parser.add_argument("--questions", type=Path, default=HERE / "tarnwick_questions.txt")
     parser.add_argument("--control", type=Path, default=HERE / "lisbon.txt", help="an unrelated text")
+    parser.add_argument("--generator", type=Path, default=None, help="a generator directory (default: the shipped one)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
     console = Console()
 
     started = time.perf_counter()
-    ga = GenerativeAdapter.from_pretrained()
+    ga = GenerativeAdapter.from_pretrained(generator=args.generator)
     console.print(f"loaded base model + generator {ga.fingerprint} in {time.perf_counter() - started:.1f}s")
 
     document = args.document.read_text()
