@@ -111,7 +111,7 @@ def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     kinds = ("adapter", "other_context", "base")
     expected = {f"{task}_{kind}" for task in ("completion", "reconstruction") for kind in kinds}
     expected |= {f"{task}_nll_{kind}" for task in ("qa", "facts") for kind in kinds}
-    assert expected | {"cloze_f1_adapter"} <= set(metrics)
+    assert expected | {"cloze_f1_adapter", "facts_f1_adapter", "facts_f1_other_context"} <= set(metrics)
     log = [json.loads(line) for line in (tmp_path / recipe / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
