@@ -258,3 +258,33 @@ def test_cli_heldout_scores_a_generator_directory(tiny_dirs, tmp_path):
 
     missing = CliRunner().invoke(app, ["train", "heldout", str(tmp_path)])
     assert missing.exit_code == 1 and "not a generator directory" in missing.stderr
+
+
+@pytest.mark.parametrize("through_normaliser", [False, True])
+def test_readout_oracle_fits_free_states(through_normaliser):
+    from genadapter.train.oracle import heldout_fact_oracle
+
+    torch.manual_seed(0)
+    ga = make_adapter()
+    results = heldout_fact_oracle(ga, 4, steps=15, lr=5e-2, through_normaliser=through_normaliser)
+    assert len(results) == 2 and all(len(r["answers"]) == 2 for r in results)  # 2 questions per context
+    for r in results:
+        assert r["nll_fitted"] < r["nll_written"], r
+    assert not any(p.requires_grad for p in ga.generator.parameters())
+    with pytest.raises(ValueError, match="at least 1"):
+        heldout_fact_oracle(ga, 2, steps=0)
+
+
+def test_cli_oracle_prints_per_context_results(tiny_dirs):
+    from typer.testing import CliRunner
+
+    from genadapter.cli import app
+
+    base, gen = tiny_dirs
+    args = ["train", "oracle", str(gen), "--base", str(base), "--questions", "2", "--steps", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (only,) = json.loads(result.stdout)
+    assert set(only) == {"answers", "nll_written", "nll_fitted"}
+    bad = CliRunner().invoke(app, [*args[:-1], "0"])
+    assert bad.exit_code == 1 and "at least 1" in bad.stderr

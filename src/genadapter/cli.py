@@ -421,6 +421,30 @@ def train_heldout(
     typer.echo(json.dumps(evaluate_generator(generator), indent=2))
 
 
+@train_app.command("oracle")
+def train_oracle(
+    generator: Annotated[Path, typer.Argument(metavar="GENERATOR_DIR", help="A generator directory.")],
+    questions: Annotated[int, typer.Option(help="Held-out fact questions (2 per context).")] = 8,
+    steps: Annotated[int, typer.Option(help="Adam steps on each free state.")] = 25,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 3e-2,
+    through_normaliser: Annotated[
+        bool, typer.Option(help="Fit the raw sum S and pass it through the normalisation, instead of S~ itself.")
+    ] = False,
+    base: BaseOption = EMBEDDED_MODEL,
+) -> None:
+    """Fit free adapter states to held-out fact questions (generator frozen): can its readout carry facts?"""
+    import json
+
+    from .train.oracle import heldout_fact_oracle
+
+    ga = load_adapter(base, generator)
+    try:
+        results = heldout_fact_oracle(ga, questions, steps=steps, lr=lr, through_normaliser=through_normaliser)
+    except ValueError as exc:
+        raise GenAdapterError(str(exc)) from exc
+    typer.echo(json.dumps(results, indent=2))
+
+
 @train_app.command("ablate")
 def train_ablate(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="One folder per variant + ablation.md/json.")],

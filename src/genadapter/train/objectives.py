@@ -6,6 +6,8 @@ adapted forward passes gradients through the LM's activations into A1, B (and th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -108,29 +110,53 @@ def _truncate(documents: list[list[int]], budget: int) -> list[list[int]]:
     return out
 
 
+@dataclass
+class AnswerBatch:
+    """Token ids of a batch of examples: truncated contexts, closed-book prompts + answers, and which
+    positions are answer tokens (the only ones scored)."""
+
+    contexts: list[list[list[int]]]
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    ids: Tensor  # (N, T) prompt + answer, padded
+    mask: Tensor  # (N, T)
+    answer_mask: Tensor  # (N, T), 1 on answer tokens
+
+    @classmethod
+    def build(cls, ga: GenerativeAdapter, examples: list[Example], max_context_tokens: int) -> AnswerBatch:
+        tok = ga.tokenizer
+        contexts = [_truncate(ga.tokenize_context(ex.context), max_context_tokens) for ex in examples]
+        answers = [
+            tok(" " + ex.answer.strip(), add_special_tokens=False)["input_ids"][:48] + [tok.eos_token_id]
+            for ex in examples
+        ]
+        prompts = [tok(ga.format_prompt(ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
+        ids, mask = ga.pad([p + a for p, a in zip(prompts, answers, strict=True)])
+        answer_mask = torch.zeros_like(mask)
+        for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            answer_mask[row, len(p) : len(p) + len(a)] = 1
+        return cls(contexts, prompts, answers, ids, mask, answer_mask)
+
+    def answer_nll(self, ga: GenerativeAdapter, normalized: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """(mean answer NLL, logits) of the LM with one normalised state per row, or of the bare LM (None)."""
+        logits = adapted_logits(ga, self.ids, self.mask, normalized)
+        return row_nll(logits, self.ids, self.answer_mask).mean(), logits
+
+
 def instruct_losses(
     ga: GenerativeAdapter, examples: list[Example], config: TrainConfig, with_adapter: bool = True
 ) -> dict[str, Tensor]:
     """Answer NLL of the adapted LM (prompt without context), and/or KL to the frozen LM that reads the
     context in its prompt (context distillation), over the answer tokens. `with_adapter=False` scores the
     bare LM (the closed-book reference)."""
-    tok = ga.tokenizer
-    contexts = [_truncate(ga.tokenize_context(ex.context), config.max_context_tokens) for ex in examples]
-    answers = [
-        tok(" " + ex.answer.strip(), add_special_tokens=False)["input_ids"][:48] + [tok.eos_token_id] for ex in examples
-    ]
-    prompts = [tok(ga.format_prompt(ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
-    ids, mask = ga.pad([p + a for p, a in zip(prompts, answers, strict=True)])
-    answer_mask = torch.zeros_like(mask)
-    for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-        answer_mask[row, len(p) : len(p) + len(a)] = 1
-    normalized = ga.generator.normalize(context_states(ga, contexts)) if with_adapter else None
-    student = adapted_logits(ga, ids, mask, normalized)
+    batch = AnswerBatch.build(ga, examples, config.max_context_tokens)
+    normalized = ga.generator.normalize(context_states(ga, batch.contexts)) if with_adapter else None
+    answer, student = batch.answer_nll(ga, normalized)
     losses = {}
     if config.objective in ("answer", "mix"):
-        losses["answer"] = row_nll(student, ids, answer_mask).mean()
+        losses["answer"] = answer
     if config.objective in ("distill", "mix"):
-        losses["distill"] = distillation_kl(ga, examples, contexts, prompts, answers, student)
+        losses["distill"] = distillation_kl(ga, examples, batch.contexts, batch.prompts, batch.answers, student)
     losses["loss"] = torch.stack(list(losses.values())).sum()
     return losses
 
