@@ -216,6 +216,18 @@ def fact_examples(rng: random.Random, count: int) -> list[Example]:
     return [Example(c, formats.qa_prompt(q), a, "facts") for c, q, a in fact_questions(rng, count)]
 
 
+def group_by_context(examples: list[Example]) -> list[list[Example]]:
+    """Examples that share a context, in first-seen order (a context may be a list of passages: not hashable)."""
+    groups: list[list[Example]] = []
+    for ex in examples:
+        match = next((g for g in groups if g[0].context == ex.context), None)
+        if match is None:
+            groups.append([ex])
+        else:
+            match.append(ex)
+    return groups
+
+
 INSTRUCTION_SOURCES = ("passages", "wiki", "icl", "facts")
 
 

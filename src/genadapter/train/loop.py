@@ -28,6 +28,7 @@ from .data import (
     Example,
     TokenStream,
     fact_examples,
+    group_by_context,
     instruction_examples,
     pretrain_documents,
     split_wiki,
@@ -76,10 +77,7 @@ def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapte
 
 def with_other_contexts(questions: list[Example]) -> list[Example]:
     """Each question with the next distinct context of the list (cyclically), never its own: the control."""
-    contexts: list = []  # distinct contexts in order (a context may be a list of passages: not hashable)
-    for ex in questions:
-        if ex.context not in contexts:
-            contexts.append(ex.context)
+    contexts = [group[0].context for group in group_by_context(questions)]
     if len(contexts) < 2:
         raise ValueError("the held-out control needs questions about at least 2 different texts")
     return [replace(ex, context=contexts[(contexts.index(ex.context) + 1) % len(contexts)]) for ex in questions]

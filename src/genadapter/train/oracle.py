@@ -14,20 +14,8 @@ import random
 import torch
 
 from ..adapter import GenerativeAdapter
-from .data import HELDOUT_SEED, Example, fact_examples
+from .data import HELDOUT_SEED, Example, fact_examples, group_by_context
 from .objectives import AnswerBatch, context_states
-
-
-def group_by_context(examples: list[Example]) -> list[list[Example]]:
-    """Examples that share a context, in first-seen order."""
-    groups: list[list[Example]] = []
-    for ex in examples:
-        match = next((g for g in groups if g[0].context == ex.context), None)
-        if match is None:
-            groups.append([ex])
-        else:
-            match.append(ex)
-    return groups
 
 
 def readout_oracle(
