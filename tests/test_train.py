@@ -160,6 +160,15 @@ def test_nan_loss_stops_with_a_clear_message(tiny_dirs, tmp_path, monkeypatch):
         train(tiny_train_config(base, tmp_path / "nan"))
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_dirs, tmp_path, monkeypatch):
+    base, _ = tiny_dirs
+    import genadapter.train.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        train(tiny_train_config(base, tmp_path / "bf16", bf16=True, steps=1))
+
+
 def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):
     from typer.testing import CliRunner
 
