@@ -116,6 +116,19 @@ def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_log_lines_average_every_step_kind_since_the_last_line(tiny_dirs, tmp_path):
+    base, _ = tiny_dirs
+    out = tmp_path / "mixed"
+    config = tiny_train_config(base, out, recipe="instruct", pretrain_every=2, log_every=2, max_context_tokens=48)
+    train(config)
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for record in logged:
+        assert {"pretrain.loss", "pretrain.completion", "instruct.loss", "instruct.answer"} <= set(record)
+        assert record["loss"] == pytest.approx((record["pretrain.loss"] + record["instruct.loss"]) / 2)
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_dirs, tmp_path):
     base, _ = tiny_dirs
     reference = tiny_train_config(base, tmp_path / "ref", steps=6)
@@ -162,11 +175,17 @@ def test_nan_loss_stops_with_a_clear_message(tiny_dirs, tmp_path, monkeypatch):
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_dirs, tmp_path, monkeypatch):
     base, _ = tiny_dirs
+    from accelerate.state import AcceleratorState
+
     import genadapter.train.loop as loop
 
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match="without native bf16"):
-        train(tiny_train_config(base, tmp_path / "bf16", bf16=True, steps=1))
+    AcceleratorState._reset_state(reset_partial_state=True)  # one mixed-precision setting per process
+    try:
+        with pytest.warns(UserWarning, match="without native bf16"):
+            train(tiny_train_config(base, tmp_path / "bf16", bf16=True, steps=1))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):

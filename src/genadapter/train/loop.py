@@ -177,13 +177,14 @@ def train(config: TrainConfig) -> Path:
     """Run (or resume) a recipe; returns the directory of the final generator."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=not torch.cuda.is_available())
-    if config.bf16 and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+    on_cpu = not torch.cuda.is_available()
+    if config.bf16 and on_cpu and not cpu_has_native_bf16():
         warnings.warn(
             "bf16 autocast on a CPU without native bf16 is emulated and far slower than fp32 (a matmul ran ~65x "
             "slower on an AVX2-only VM); set bf16 to false",
             stacklevel=2,
         )
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=on_cpu)
     torch.manual_seed(config.seed)
     ga = build_adapter(config, accelerator.device)
     config.generator = ga.config
@@ -220,6 +221,7 @@ def train(config: TrainConfig) -> Path:
             log.flush()
 
     last_save, started, tokens = time.monotonic(), time.monotonic(), 0
+    window: list[tuple[str, dict[str, float]]] = []  # (kind, losses) of the steps since the last log line
     progress = tqdm(
         range(start, config.steps),
         initial=start,
@@ -248,19 +250,19 @@ def train(config: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         tokens += seq_len * config.batch_size if kind == "pretrain" else config.batch_size * config.max_context_tokens
         progress.set_postfix(loss=f"{loss.item():.3f}")
+        window.append((kind, {"grad_norm": grad_norm.item(), **{k: v.item() for k, v in losses.items()}}))
         if (step + 1) % config.log_every == 0:
             elapsed = time.monotonic() - started
             write(
                 {
                     "step": step + 1,
-                    "kind": kind,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens / elapsed,
                     "elapsed_s": elapsed,
-                    **{k: v.item() for k, v in losses.items()},
+                    **window_means(window),
                 }
             )
+            window.clear()
         if accelerator.is_main_process and (step + 1) % config.eval_every == 0:
             ga.generator.eval()
             write({"step": step + 1, "eval": heldout.evaluate(ga)})
@@ -276,6 +278,19 @@ def train(config: TrainConfig) -> Path:
     write({"step": config.steps, "final_eval": metrics})
     accelerator.print(json.dumps(metrics, indent=2))
     return out / "generator"
+
+
+def window_means(window: list[tuple[str, dict[str, float]]]) -> dict[str, float]:
+    """Means over the steps since the last log line: overall loss and grad norm, and each loss per step kind
+    ("pretrain.completion", "instruct.answer", ...). A single step would show only one kind: with
+    pretrain_every dividing log_every, it would always be a pretraining step."""
+    means = {key: float(np.mean([values[key] for _, values in window])) for key in ("loss", "grad_norm")}
+    for kind in sorted({k for k, _ in window}):
+        rows = [values for k, values in window if k == kind]
+        for key in rows[0]:
+            if key != "grad_norm":
+                means[f"{kind}.{key}"] = float(np.mean([values[key] for values in rows]))
+    return means
 
 
 def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None = None) -> dict[str, float]:
