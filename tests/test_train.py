@@ -288,6 +288,19 @@ def test_cli_heldout_scores_a_generator_directory(tiny_dirs, tmp_path):
     assert missing.exit_code == 1 and "not a generator directory" in missing.stderr
 
 
+def test_more_fact_f1_items_extend_the_default_draw():
+    from genadapter.train.loop import HeldOut
+
+    ga = make_adapter()
+    config = tiny_train_config("unused", "unused", heldout_docs=20)
+    default, longer = HeldOut(ga, config), HeldOut(ga, config, fact_f1_items=40)
+    assert [len(items) for items in longer.fact_f1] == [40, 40]
+    assert longer.questions["facts"] == default.questions["facts"]  # the NLL set does not move
+    assert [items[:16] for items in longer.fact_f1] == list(default.fact_f1)
+    with pytest.raises(GenAdapterError, match="at least 1"):
+        HeldOut(ga, config, fact_f1_items=0)
+
+
 @pytest.mark.parametrize("through_normaliser", [False, True])
 def test_readout_oracle_fits_free_states(through_normaliser):
     from genadapter.train.oracle import heldout_fact_oracle

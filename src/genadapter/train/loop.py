@@ -91,7 +91,9 @@ class HeldOut:
     of the context) and with no adapter. The fact questions have answers nothing but the context gives, so their
     gap between "adapter" and "other_context" is the plainest measure of what the adapter stores."""
 
-    def __init__(self, ga: GenerativeAdapter, config: TrainConfig):
+    def __init__(self, ga: GenerativeAdapter, config: TrainConfig, fact_f1_items: int = 16):
+        if fact_f1_items < 1:
+            raise GenAdapterError("fact_f1_items must be at least 1")
         _, leads = split_wiki(config.heldout_docs)
         stream = TokenStream([f"{t}\n{x}" for t, x in leads], ga.tokenizer)
         rng = np.random.default_rng(HELDOUT_SEED)
@@ -100,8 +102,11 @@ class HeldOut:
         questions = wiki_examples(leads, random.Random(HELDOUT_SEED))
         self.cloze = [ex for ex in questions if ex.task == "wiki-cloze"][:8]
         # every question type; answer NLL is far less noisy than F1 on 8 items
-        self.questions = {"qa": questions[:32], "facts": fact_examples(random.Random(HELDOUT_SEED), 32)}
+        # a longer draw keeps the first 32 (the NLL set) and makes the greedy F1 less noisy than on 16 items
+        facts = fact_examples(random.Random(HELDOUT_SEED), max(32, fact_f1_items))
+        self.questions = {"qa": questions[:32], "facts": facts[:32]}
         self.other_questions = {name: with_other_contexts(qs) for name, qs in self.questions.items()}
+        self.fact_f1 = (facts[:fact_f1_items], with_other_contexts(facts)[:fact_f1_items])
         # both tasks and the answer loss whatever the run trains, so every run is scored the same way
         self.config = replace(config, objective="answer", completion=True, reconstruction=True)
 
@@ -128,8 +133,8 @@ class HeldOut:
                 metrics[f"{name}_nll_{suffix}"] = float(np.mean(nll))
         greedy = {  # the other-context fact questions keep their gold answer, so F1 there is the control
             "cloze_f1_adapter": self.cloze,
-            "facts_f1_adapter": self.questions["facts"][:16],
-            "facts_f1_other_context": self.other_questions["facts"][:16],
+            "facts_f1_adapter": self.fact_f1[0],
+            "facts_f1_other_context": self.fact_f1[1],
         }
         for key, items in greedy.items():
             f1s = [
@@ -304,7 +309,7 @@ def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None
     return metrics
 
 
-def evaluate_generator(generator_dir: str | Path) -> dict[str, float]:
+def evaluate_generator(generator_dir: str | Path, fact_f1_items: int = 16) -> dict[str, float]:
     """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one)."""
     generator_dir = Path(generator_dir)
     saved = generator_dir / "train_config.json"
@@ -314,7 +319,7 @@ def evaluate_generator(generator_dir: str | Path) -> dict[str, float]:
     config = TrainConfig(**{**values, "base": base, "init_generator": str(generator_dir)})
     ga = build_adapter(config, torch.device("cpu"))
     ga.generator.eval()
-    return HeldOut(ga, config).evaluate(ga)
+    return HeldOut(ga, config, fact_f1_items).evaluate(ga)
 
 
 def finalize_checkpoint(run_dir: str | Path) -> dict[str, float]:
