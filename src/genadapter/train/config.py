@@ -36,7 +36,7 @@ class TrainConfig:
         default=False,
         metadata={
             "help": "bf16 autocast for the LM forward/backward. Only for hardware with native bf16 (GPUs, CPUs with "
-            "AVX512-BF16/AMX): on an AVX2-only CPU a bf16 matmul ran ~65x slower than fp32."
+            "AVX512-BF16/AMX): on an AVX2-only CPU a bf16 matmul ran ~67x slower than fp32."
         },
     )
     num_chunks: int = field(default=4, metadata={"help": "n: chunks per pretraining sequence."})

@@ -185,7 +185,7 @@ def train(config: TrainConfig) -> Path:
     on_cpu = not torch.cuda.is_available()
     if config.bf16 and on_cpu and not cpu_has_native_bf16():
         warnings.warn(
-            "bf16 autocast on a CPU without native bf16 is emulated and far slower than fp32 (a matmul ran ~65x "
+            "bf16 autocast on a CPU without native bf16 is emulated and far slower than fp32 (a matmul ran ~67x "
             "slower on an AVX2-only VM); set bf16 to false",
             stacklevel=2,
         )
