@@ -41,6 +41,36 @@ def test_zero_state_gives_zero_adapter():
     assert torch.equal(out, torch.zeros(8, 8))
 
 
+def test_chunk_states_follow_the_per_module_formula():
+    """The fused per-layer path equals S = Σ_t K_tᵀ V_t with K = RMSNorm_γ(H) A2ᵀ, V = RMSNorm_γ(H) A3ᵀ, module by
+    module, padding excluded; gradients into γ, A2, A3 agree too."""
+    torch.manual_seed(0)
+    ga = make_adapter(trained=False, target_modules=["o_proj", "down_proj"])
+    for p in ga.generator.parameters():
+        p.data.normal_()
+    ga.generator.requires_grad_(True)
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"]
+    hidden, mask = ga.encode_chunks(ga.chunk([ids[:40]]))
+    assert (mask == 0).any()  # the last chunk is padded
+
+    fused = ga.generator.chunk_states(hidden, mask)
+    params = [p for n, p in ga.generator.named_parameters() if n.rsplit(".", 1)[-1] in ("gamma", "A2", "A3")]
+    grads_fused = torch.autograd.grad(sum(s.pow(2).sum() for s in fused.values()), params)
+    reference = {}
+    for name, spec in ga.generator.targets.items():
+        block, h = ga.generator.block(name), hidden[spec.layer]
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ga.config.norm_eps) * block.gamma
+        h = h * mask.unsqueeze(-1)
+        reference[name] = (h @ block.A2.T).transpose(-1, -2) @ (h @ block.A3.T)
+    grads_ref = torch.autograd.grad(sum(s.pow(2).sum() for s in reference.values()), params)
+
+    assert list(fused) == list(reference)
+    for name in reference:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads_fused, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 def test_generator_trains_on_short_chunks_without_nan():
     """A few optimisation steps through the frozen LM on 3-token chunks stay finite and lower the loss."""
     ga = make_adapter(trained=False, chunk_size=3)

@@ -92,26 +92,21 @@ class ModuleGenerator(nn.Module):
     def __init__(self, hidden_size: int, spec: TargetSpec, config: GeneratorConfig, rng: torch.Generator):
         super().__init__()
         r1, r2 = config.key_dim, config.value_dim
-        self.eps = config.norm_eps
         self.gamma = nn.Parameter(torch.ones(hidden_size))
         self.A1 = nn.Parameter(torch.randn(r1, spec.in_features, generator=rng) / spec.in_features**0.5)
         self.A2 = nn.Parameter(torch.randn(r1, hidden_size, generator=rng) / hidden_size**0.5)
         self.A3 = nn.Parameter(torch.randn(r2, hidden_size, generator=rng) / hidden_size**0.5)
         self.B = nn.Parameter(torch.zeros(spec.out_features, r2))
 
-    def chunk_state(self, hidden: Tensor, mask: Tensor) -> Tensor:
-        """Per-chunk states Σ_t K_tᵀ V_t: hidden (N, T, d), mask (N, T) -> (N, R1, R2)."""
-        with torch.autocast(hidden.device.type, enabled=False):  # states are sums: keep them fp32
-            h = hidden.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.gamma
-            h = h * mask.unsqueeze(-1).to(h.dtype)
-            keys, values = h @ self.A2.T, h @ self.A3.T
-            return keys.transpose(-1, -2) @ values
+    def key_value_weight(self) -> Tensor:
+        """[A2 diag γ; A3 diag γ] (R1+R2, d): keys and values of RMS-normalised (γ-free) hidden states in one
+        product. Folding γ into the weights means no gradient has to flow back into the hidden states."""
+        return torch.cat([self.A2, self.A3]) * self.gamma
 
     def delta(self, x: Tensor, normalized: Tensor, scale: float) -> Tensor:
         """ΔW x for each row: x (N, T, d_in), normalized (N or 1, R1, R2) -> (N, T, d_out)."""
-        z = (x.to(self.A1.dtype) @ self.A1.T) @ normalized.to(self.A1.dtype)
-        return scale * (z @ self.B.T)
+        z = (x.to(self.A1.dtype) @ self.A1.T) @ (scale * normalized.to(self.A1.dtype))  # scale the small factor
+        return z @ self.B.T
 
     def delta_weight(self, normalized: Tensor, scale: float) -> Tensor:
         """Dense ΔW = scale · B S~ᵀ A1 (d_out, d_in) for merging into the base weight."""
@@ -180,13 +175,31 @@ class AdapterGenerator(nn.Module):
         return list(self.targets)
 
     def chunk_states(self, hidden_states: Sequence[Tensor], mask: Tensor) -> dict[str, Tensor]:
-        """Per-chunk states of every module: hidden_states[l] (N, T, d) enters layer l."""
-        return {
-            name: self.block(name).chunk_state(hidden_states[spec.layer], mask) for name, spec in self.targets.items()
-        }
+        """Per-chunk states S = Σ_t K_tᵀ V_t of every module: hidden_states[l] (N, T, d) enters layer l.
+
+        Modules of one layer share one RMS normalisation of its hidden states and one projection onto all
+        their keys and values: fewer, larger matmuls, and γ folded into the weights (see key_value_weight)."""
+        by_layer: dict[int, list[str]] = {}
+        for name, spec in self.targets.items():
+            by_layer.setdefault(spec.layer, []).append(name)
+        r1, r2 = self.config.key_dim, self.config.value_dim
+        out = {}
+        with torch.autocast(mask.device.type, enabled=False):  # states are sums: keep them fp32
+            for layer, names in by_layer.items():
+                h = hidden_states[layer].float()
+                h = h * (torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.config.norm_eps) * mask.unsqueeze(-1))
+                weight = torch.cat([self.block(name).key_value_weight() for name in names])
+                projected = (h @ weight.T).split(r1 + r2, dim=-1)  # per module (N, T, R1 + R2)
+                for name, kv in zip(names, projected, strict=True):
+                    out[name] = kv[..., :r1].transpose(-1, -2) @ kv[..., r1:]  # (N, R1, R2)
+        return {name: out[name] for name in self.targets}
 
     def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: normalize_state(S, self.config) for name, S in sums.items()}
+        """Normalised states of all modules, in one batched SVD (every module's state is R1 × R2)."""
+        if not sums:
+            return {}
+        stacked = normalize_state(torch.stack(list(sums.values())), self.config)
+        return dict(zip(sums, stacked.unbind(0), strict=True))
 
     def export_rank(self) -> int:
         """Rank of the exported LoRA: exact for both normalisations."""
