@@ -13,6 +13,24 @@ def test_svd_normalisation_gives_orthonormal_factor():
     assert torch.allclose(singular[:, 4:], torch.zeros(3, 2), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("shape", "rank", "tokens"),
+    [((8, 6), 4, 16), ((6, 8), 6, 16), ((8, 8), 8, 3), ((96, 96), 96, 512), ((96, 96), 96, 40)],
+)
+def test_svd_normalisation_matches_torch_svd(shape, rank, tokens):
+    """The Gram-matrix SVD gives torch.linalg.svd's U_r V_rᵀ: tall, wide, truncated and rank-deficient states
+    (fewer tokens than rows), for states built like the real ones (sums of key-value outer products)."""
+    torch.manual_seed(0)
+    keys, values = torch.randn(4, tokens, shape[0]), torch.randn(4, tokens, shape[1])
+    S = keys.mT @ values
+    U, sigma, Vh = torch.linalg.svd(S.double(), full_matrices=False)
+    keep = min(rank, tokens)
+    expected = U[..., :keep] @ Vh[..., :keep, :]
+    out = normalize_state(S, tiny_config(key_dim=shape[0], value_dim=shape[1], rank=rank))
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), expected, atol=1e-4)
+
+
 def test_svd_backward_is_the_exact_gradient_without_truncation():
     torch.manual_seed(0)
     S = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
