@@ -28,9 +28,10 @@ WEIGHTS_FILE = "generator.safetensors"
 
 def _svd_via_gram(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD (U, σ descending, Vh) of a batch of small matrices from the fp64 eigendecomposition of the
-    smaller Gram matrix: SᵀS = V Σ² Vᵀ, U = S V Σ⁻¹. Why: on CPU a batched 96×96 `linalg.svd` ran ~1.6× slower
-    than this (both loop over the batch serially), and it is a visible part of a training step. fp64 keeps the
-    squared condition number harmless at fp32 input precision; columns of U for σ = 0 are returned as zero."""
+    smaller Gram matrix: SᵀS = V Σ² Vᵀ, U = S V Σ⁻¹. Why: for the 240 96×96 states of a training step on CPU,
+    `linalg.svd` took 0.21 s and this eigendecomposition 0.13 s (0.24 → 0.19 s for the normalisation's forward +
+    backward; both loop over the batch serially). fp64 keeps the squared condition number harmless at fp32 input
+    precision; columns of U for σ = 0 are returned as zero."""
     if S.shape[-2] < S.shape[-1]:  # wide: factor Sᵀ and swap the roles of U and V
         U, sigma, Vh = _svd_via_gram(S.mT)
         return Vh.mT, sigma, U.mT
