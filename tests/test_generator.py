@@ -23,7 +23,7 @@ def test_svd_normalisation_matches_torch_svd(shape, rank, tokens):
     torch.manual_seed(0)
     keys, values = torch.randn(4, tokens, shape[0]), torch.randn(4, tokens, shape[1])
     S = keys.mT @ values
-    U, sigma, Vh = torch.linalg.svd(S.double(), full_matrices=False)
+    U, _, Vh = torch.linalg.svd(S.double(), full_matrices=False)
     keep = min(rank, tokens)
     expected = U[..., :keep] @ Vh[..., :keep, :]
     out = normalize_state(S, tiny_config(key_dim=shape[0], value_dim=shape[1], rank=rank))
