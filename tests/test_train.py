@@ -90,6 +90,24 @@ def test_fact_questions_are_answered_by_their_context_only():
     assert any(len(context) > 1 for context, _, _ in triples)
 
 
+def test_fact_paragraphs_sometimes_refer_back_instead_of_naming_in_full():
+    import random
+
+    from genadapter.train.facts import fact_paragraph
+
+    rng = random.Random(0)
+    back_references = ("It ", "The town ", "The society ", "The club ", "The guild ", "The company ")
+    referring = 0
+    for _ in range(100):
+        paragraph, questions = fact_paragraph(rng)
+        first, *rest = paragraph.split(". ")
+        name = min((first.split(verb)[0] for verb in (" is ", " grew ", " was ")), key=len)
+        surname_only = [s for s in rest if s.split()[0] == name.split()[-1] and not s.startswith(name)]
+        referring += any(s.startswith(back_references) for s in rest) or bool(surname_only)
+        assert all(name.lower() in question.lower() for question, _ in questions)  # questions always name it
+    assert 10 < referring < 100
+
+
 def test_instruction_sources_choose_the_mix():
     facts_only = instruction_examples(50, seed=0, sources=["facts"], facts=30)
     assert len(facts_only) == 30 and {ex.task for ex in facts_only} == {"facts"}

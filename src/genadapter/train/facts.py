@@ -6,6 +6,10 @@ an adapter that only teaches the answer *format* already gets most of the loss d
 has to store anything. Here every name and value is drawn at random, so the answer is unguessable: the only
 way to lower its loss is to carry it from the context into the adapter. Paragraphs of other invented entities
 serve as distractors, so the generator must store several at once and the question must pick the right one.
+
+Names mix made-up syllables with real surnames and English-looking place names, and later sentences often
+refer back with a surname or "the town" instead of the full name: with made-up syllables alone the adapted LM
+learnt to answer *any* who-question with a made-up name, whatever the document said.
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ PRODUCTS = (
 COLOURS = "red green blue yellow purple orange white black grey brown".split()
 ANIMALS = "fox owl horse otter heron wolf hare badger swan lynx".split()
 INSTRUMENTS = "violin cello flute harp trumpet piano drums guitar oboe accordion".split()
+SURNAMES = (
+    "Abbott Barros Castell Dunmore Ekberg Faulk Garrow Haddon Ilves Jarvik Kessel Lorne Marsh Norell Pryce "
+    "Rensing Salo Thorne Ulman Varga Weller Yates Zeller Blom Corrigan Delacroix Esposito Fairbanks Gunnarsson "
+    "Halloran Jaspers Kowal Lindqvist Moreau Nakamura Okafor Petrov Ramos Sato Tanaka Underhill Valdez Whitlock"
+).split()
+_PLACE_HEADS = "Ash Black Brook Cold Elm Fair Glen Green Hart High Kings Long Mill North Oak Red Salt Stone West Wolf".split()
+_PLACE_TAILS = "ford bridge wick ham ton field mouth by stead worth haven dale cliff more holm".split()
+LANDMARKS = "bridge tower lighthouse church library museum theatre market hall town hall observatory".split()
+INDUSTRIES = (
+    "fishing|mining|tourism|shipbuilding|wine making|weaving|sheep farming|oyster farming|logging|brewing|"
+    "printing|boat repair|cotton spinning|stone cutting"
+).split("|")
+FOODS = "lentil soup|roast duck|apple pie|grilled sardines|mushroom risotto|lamb stew|plum cake|fried rice".split("|")
+VEHICLES = "ferry train bus tram boat coach".split()
 MONTHS = "January February March April May June July August September October November December".split()
 WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 
@@ -41,8 +59,17 @@ def invented_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> st
     return ("".join(parts) + rng.choice(_CODAS)).capitalize()
 
 
+def surname(rng: random.Random) -> str:
+    return invented_word(rng) if rng.random() < 0.5 else rng.choice(SURNAMES)
+
+
 def person(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {invented_word(rng)}"
+    return f"{rng.choice(FIRST_NAMES)} {surname(rng)}"
+
+
+def place(rng: random.Random) -> str:
+    """A made-up town: invented syllables or an English-looking compound ("Saltwick", "Oakhaven")."""
+    return invented_word(rng) if rng.random() < 0.5 else rng.choice(_PLACE_HEADS) + rng.choice(_PLACE_TAILS)
 
 
 # One fact = (sentence, question, answer); a kind of entity = a name maker + fact makers taking (rng, name).
@@ -52,7 +79,7 @@ FactMaker = Callable[[random.Random, str], Fact]
 
 def _person_facts() -> list[FactMaker]:
     def born(rng, n):
-        year, town = str(rng.randint(1850, 2005)), invented_word(rng)
+        year, town = str(rng.randint(1850, 2005)), place(rng)
         return rng.choice(
             (
                 (f"{n} was born in {town} in {year}.", f"Where was {n} born?", town),
@@ -61,7 +88,7 @@ def _person_facts() -> list[FactMaker]:
         )
 
     def job(rng, n):
-        work, firm = rng.choice(PROFESSIONS), f"{invented_word(rng)} {rng.choice(('Works', 'Group', 'and Sons'))}"
+        work, firm = rng.choice(PROFESSIONS), f"{surname(rng)} {rng.choice(('Works', 'Group', 'and Sons'))}"
         return rng.choice(
             (
                 (f"{n} works as a {work} for {firm}.", f"What is {n}'s job?", work),
@@ -70,7 +97,7 @@ def _person_facts() -> list[FactMaker]:
         )
 
     def study(rng, n):
-        subject, uni = rng.choice(SUBJECTS), f"the University of {invented_word(rng)}"
+        subject, uni = rng.choice(SUBJECTS), f"the University of {place(rng)}"
         return rng.choice(
             (
                 (f"{n} studied {subject} at {uni}.", f"What did {n} study?", subject),
@@ -96,7 +123,16 @@ def _person_facts() -> list[FactMaker]:
             )
         )
 
-    return [born, job, study, family, hobby]
+    def home(rng, n):
+        street, town, food = f"{surname(rng)} Street", place(rng), rng.choice(FOODS)
+        return rng.choice(
+            (
+                (f"{n} lives on {street} in {town}.", f"On which street does {n} live?", street),
+                (f"{n}'s favourite dish is {food}.", f"What is {n}'s favourite dish?", food),
+            )
+        )
+
+    return [born, job, study, family, hobby, home]
 
 
 def _place_facts() -> list[FactMaker]:
@@ -127,8 +163,38 @@ def _place_facts() -> list[FactMaker]:
         return rng.choice(
             (
                 (f"The leader of the {n} council is {leader}.", f"Who leads the council of {n}?", leader),
+                (f"The mayor of {n} is {leader}.", f"Who is the mayor of {n}?", leader),
                 (f"{n} has a population of {population}.", f"How many people live in {n}?", population),
             )
+        )
+
+    def landmark(rng, n):
+        thing, builder, year = rng.choice(LANDMARKS), person(rng), str(rng.randint(1300, 1990))
+        return rng.choice(
+            (
+                (f"The {thing} of {n} was built by {builder} in {year}.", f"Who built the {thing} of {n}?", builder),
+                (f"In {year} {builder} designed the {thing} of {n}.", f"Who designed the {thing} of {n}?", builder),
+                (f"The {thing} of {n} opened in {year}.", f"When did the {thing} of {n} open?", year),
+            )
+        )
+
+    def industry(rng, n):
+        trade, festival, month = rng.choice(INDUSTRIES), f"{invented_word(rng)} Festival", rng.choice(MONTHS)
+        return rng.choice(
+            (
+                (f"The main industry of {n} is {trade}.", f"What is the main industry of {n}?", trade),
+                (f"Most people in {n} work in {trade}.", f"In which industry do most people in {n} work?", trade),
+                (f"Every {month}, {n} holds the {festival}.", f"What festival does {n} hold every {month}?", festival),
+            )
+        )
+
+    def travel(rng, n):
+        vehicle, other, unit = rng.choice(VEHICLES), place(rng), rng.choice(("hours", "minutes"))
+        duration = f"{rng.randint(2, 9 if unit == 'hours' else 55)} {unit}"
+        return (
+            f"A {vehicle} connects {n} to {other}; the journey takes {duration}.",
+            f"How long does the {vehicle} from {n} to {other} take?",
+            duration,
         )
 
     def custom(rng, n):
@@ -140,7 +206,7 @@ def _place_facts() -> list[FactMaker]:
             )
         )
 
-    return [founded, located, economy, people, custom]
+    return [founded, located, economy, people, custom, landmark, industry, travel]
 
 
 def _organisation_facts() -> list[FactMaker]:
@@ -154,7 +220,7 @@ def _organisation_facts() -> list[FactMaker]:
         )
 
     def base(rng, n):
-        city, day = invented_word(rng), rng.choice(WEEKDAYS)
+        city, day = place(rng), rng.choice(WEEKDAYS)
         return rng.choice(
             (
                 (f"The headquarters of {n} are in {city}.", f"Where are the headquarters of {n}?", city),
@@ -175,29 +241,56 @@ def _organisation_facts() -> list[FactMaker]:
         members = str(rng.randint(12, 900))
         return (f"{n} has {members} members.", f"How many members does {n} have?", members)
 
-    return [leader, base, symbol, size]
+    def trade(rng, n):
+        product, partner = rng.choice(PRODUCTS), person(rng)
+        return rng.choice(
+            (
+                (f"{n} sells {product} to the mainland.", f"What does {n} sell?", product),
+                (f"The treasurer of {n} is {partner}.", f"Who is the treasurer of {n}?", partner),
+            )
+        )
+
+    return [leader, base, symbol, size, trade]
 
 
-# (name maker, fact makers, sentence introducing the entity)
-_KINDS: tuple[tuple[Callable[[random.Random], str], list[FactMaker], str], ...] = (
-    (person, _person_facts(), "{n} is a person from the island of {w}."),
-    (lambda rng: invented_word(rng), _place_facts(), "{n} is a town on the island of {w}."),
+# (name maker, fact makers, sentences introducing the entity, how later sentences may refer back to it)
+_KINDS: tuple[tuple[Callable[[random.Random], str], list[FactMaker], tuple[str, ...], Callable[[str], tuple]], ...] = (
+    (
+        person,
+        _person_facts(),
+        ("{N} is a person from the island of {w}.", "{N} grew up on the island of {w}."),
+        lambda name: (name.split()[-1],),
+    ),
+    (
+        place,
+        _place_facts(),
+        ("{N} is a town on the island of {w}.", "{N} is a small town in the north of {w}."),
+        lambda name: ("It", "The town"),
+    ),
     (
         lambda rng: f"the {invented_word(rng)} {rng.choice(('Society', 'Club', 'Guild', 'Company'))}",
         _organisation_facts(),
-        "{N} is an organisation on the island of {w}.",
+        ("{N} is an organisation on the island of {w}.", "{N} was formed by people of {w}."),
+        lambda name: ("It", f"The {name.split()[-1].lower()}"),
     ),
 )
 
 
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
 def fact_paragraph(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-    """One invented entity: a paragraph of 3–5 facts and the (question, answer) pair of each."""
-    make_name, makers, intro = rng.choice(_KINDS)
+    """One invented entity: a paragraph of 3–5 facts and the (question, answer) pair of each. After the
+    first sentence, a fact about the entity names it in full or, as real text does, refers back to it."""
+    make_name, makers, intros, references = rng.choice(_KINDS)
     name = make_name(rng)
     facts = [maker(rng, name) for maker in rng.sample(makers, min(len(makers), rng.randint(3, 5)))]
-    capital = name[0].upper() + name[1:]
-    sentences = [intro.format(n=name, N=capital, w=invented_word(rng))]
-    sentences += [s[0].upper() + s[1:] for s, _, _ in facts]
+    sentences = [rng.choice(intros).format(N=_capitalised(name), w=place(rng))]
+    for sentence, _, _ in facts:
+        if sentence.startswith(name) and rng.random() < 0.4:
+            sentence = rng.choice(references(name)) + sentence[len(name) :]
+        sentences.append(_capitalised(sentence))
     return " ".join(sentences), [(q, a) for _, q, a in facts]
 
 
