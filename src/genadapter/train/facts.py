@@ -40,9 +40,11 @@ SURNAMES = (
     "Rensing Salo Thorne Ulman Varga Weller Yates Zeller Blom Corrigan Delacroix Esposito Fairbanks Gunnarsson "
     "Halloran Jaspers Kowal Lindqvist Moreau Nakamura Okafor Petrov Ramos Sato Tanaka Underhill Valdez Whitlock"
 ).split()
-_PLACE_HEADS = "Ash Black Brook Cold Elm Fair Glen Green Hart High Kings Long Mill North Oak Red Salt Stone West Wolf".split()
+_PLACE_HEADS = (
+    "Ash Black Brook Cold Elm Fair Glen Green Hart High Kings Long Mill North Oak Red Salt Stone West Wolf"
+).split()
 _PLACE_TAILS = "ford bridge wick ham ton field mouth by stead worth haven dale cliff more holm".split()
-LANDMARKS = "bridge tower lighthouse church library museum theatre market hall town hall observatory".split()
+LANDMARKS = "bridge|tower|lighthouse|church|library|museum|theatre|market hall|town hall|observatory".split("|")
 INDUSTRIES = (
     "fishing|mining|tourism|shipbuilding|wine making|weaving|sheep farming|oyster farming|logging|brewing|"
     "printing|boat repair|cotton spinning|stone cutting"
