@@ -50,7 +50,9 @@ class TrainConfig:
     )
     sources: list[str] = field(
         default_factory=lambda: ["passages", "wiki", "icl", "facts"],
-        metadata={"help": "Instruct data: any of passages, wiki, icl, facts (train/data.py, train/facts.py)."},
+        metadata={
+            "help": "Instruct data: any of passages, wiki, counterfactual, icl, facts (train/data.py, train/facts.py)."
+        },
     )
     facts: int = field(default=0, metadata={"help": "Instruct: synthetic fact questions to mix in."})
     max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import formats
 from ..errors import GenAdapterError
-from .facts import fact_questions
+from .facts import counterfactual_lead, fact_questions
 
 DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
 HELDOUT_SEED = 1234  # fixed across runs so held-out numbers compare
@@ -211,6 +211,15 @@ def add_distractors(examples: list[Example], rng: random.Random, probability: fl
             rng.shuffle(ex.context)
 
 
+def counterfactual_examples(leads: list[tuple[str, str]], rng: random.Random) -> list[Example]:
+    """The Wikipedia questions of `wiki_examples`, asked about leads whose names and numbers were swapped
+    (facts.counterfactual_lead): real prose whose answers the LM cannot know without the context."""
+    examples = wiki_examples([counterfactual_lead(title, text, rng) for title, text in leads], rng)
+    for ex in examples:
+        ex.task = f"counterfactual-{ex.task}"
+    return examples
+
+
 def fact_examples(rng: random.Random, count: int) -> list[Example]:
     """Questions about invented entities (train/facts.py): answers only the context can give."""
     return [Example(c, formats.qa_prompt(q), a, "facts") for c, q, a in fact_questions(rng, count)]
@@ -228,7 +237,7 @@ def group_by_context(examples: list[Example]) -> list[list[Example]]:
     return groups
 
 
-INSTRUCTION_SOURCES = ("passages", "wiki", "icl", "facts")
+INSTRUCTION_SOURCES = ("passages", "wiki", "counterfactual", "icl", "facts")
 
 
 def instruction_examples(heldout: int, seed: int, sources=INSTRUCTION_SOURCES, facts: int = 0) -> list[Example]:
@@ -244,6 +253,8 @@ def instruction_examples(heldout: int, seed: int, sources=INSTRUCTION_SOURCES, f
         examples += passage_examples(tasks)
     if "wiki" in sources:
         examples += wiki_examples(train_leads, rng)
+    if "counterfactual" in sources:
+        examples += counterfactual_examples(train_leads, rng)
     add_distractors(examples, rng)
     if "icl" in sources:
         examples += icl_examples(tasks, rng)

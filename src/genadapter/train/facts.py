@@ -15,6 +15,7 @@ learnt to answer *any* who-question with a made-up name, whatever the document s
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "w", "z")
@@ -306,3 +307,50 @@ def fact_questions(rng: random.Random, count: int, max_distractors: int = 2) -> 
         rng.shuffle(context)
         out += [(list(context), q, a) for q, a in rng.sample(questions, min(2, len(questions)))]
     return out[:count]
+
+
+_WORD = re.compile(r"\b[A-Z][\w'’-]*")
+_DIGITS = re.compile(r"\b\d[\d,]*\b")
+_SENTENCE_END = re.compile(r"(?:^|[.!?:;\n][\"'’”)]*)\s*$")
+# Capitalised words that are not names of things a lead is about: kept, so the text stays grammatical.
+_COMMON = set(MONTHS) | set(WEEKDAYS) | {"I", "A", "AD", "BC", "CE", "BCE", "St", "Mr", "Mrs", "Dr", "Sir"}
+_DEMONYM = re.compile(r"(?:ian|ish|ese|can|ic)$")  # "Italian", "English", "Japanese", "American", "Arabic"
+
+
+def _fresh_name(rng: random.Random, taken: set[str]) -> str:
+    while (name := surname(rng) if rng.random() < 0.5 else place(rng)) in taken:
+        pass
+    taken.add(name)
+    return name
+
+
+def counterfactual_lead(title: str, text: str, rng: random.Random) -> tuple[str, str]:
+    """A Wikipedia lead with every name and number consistently replaced: "Ada Lovelace ... born in 1815 in
+    London" -> "Salo Oakhaven ... born in 1797 in Brookby". Why: on real leads the LM already knows most answers,
+    so the adapter need not store them; the fact paragraphs force storage but in a few fixed sentence shapes.
+    Swapped leads keep real prose while making every name and number unguessable without the context.
+
+    A name is a capitalised word in the title or anywhere but a sentence start (so "The", "In" stay); months,
+    weekdays and demonyms stay. Years move by one offset (their order survives), other numbers get new digits."""
+    words = {m.group() for m in _WORD.finditer(title)}
+    words |= {m.group() for m in _WORD.finditer(text) if not _SENTENCE_END.search(text[: m.start()])}
+    names = sorted(w for w in words if w not in _COMMON and not _DEMONYM.search(w))
+    taken: set[str] = set()
+    mapping = {w: _fresh_name(rng, taken) for w in names}
+    offset = rng.choice([-1, 1]) * rng.randint(3, 80)
+
+    def number(match: re.Match) -> str:
+        digits = match.group()
+        if digits not in mapping:
+            value = digits.replace(",", "")
+            if len(value) == 4 and 1000 <= int(value) <= 2099:
+                mapping[digits] = str(int(value) + offset)
+            else:
+                new = "".join(c if c == "," else str(rng.randint(0 if i else 1, 9)) for i, c in enumerate(digits))
+                mapping[digits] = new if len(value) > 1 else str(rng.randint(2, 9))
+        return mapping[digits]
+
+    def swap(s: str) -> str:
+        return _DIGITS.sub(number, _WORD.sub(lambda m: mapping.get(m.group(), m.group()), s))
+
+    return swap(title), swap(text)

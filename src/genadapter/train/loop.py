@@ -28,6 +28,7 @@ from .data import (
     HELDOUT_SEED,
     Example,
     TokenStream,
+    counterfactual_examples,
     fact_examples,
     group_by_context,
     instruction_examples,
@@ -89,7 +90,8 @@ class HeldOut:
     (NLL, F1), independent of the run seed. Every loss is measured three ways: with the adapter of the text itself, with
     the adapter of *another* held-out text (the control: a gain there is generic — style, domain — not knowledge
     of the context) and with no adapter. The fact questions have answers nothing but the context gives, so their
-    gap between "adapter" and "other_context" is the plainest measure of what the adapter stores."""
+    gap between "adapter" and "other_context" is the plainest measure of what the adapter stores; the
+    counterfactual questions (held-out leads with swapped names and numbers) measure the same on real prose."""
 
     def __init__(self, ga: GenerativeAdapter, config: TrainConfig, fact_f1_items: int = 16):
         if fact_f1_items < 1:
@@ -104,9 +106,12 @@ class HeldOut:
         # every question type; answer NLL is far less noisy than F1 on 8 items
         # a longer draw keeps the first 32 (the NLL set) and makes the greedy F1 less noisy than on 16 items
         facts = fact_examples(random.Random(HELDOUT_SEED), max(32, fact_f1_items))
-        self.questions = {"qa": questions[:32], "facts": facts[:32]}
+        # real prose, invented names and numbers: what the adapter stores of text unlike the fact paragraphs
+        counterfactual = counterfactual_examples(leads, random.Random(HELDOUT_SEED))
+        self.questions = {"qa": questions[:32], "facts": facts[:32], "counterfactual": counterfactual[:32]}
         self.other_questions = {name: with_other_contexts(qs) for name, qs in self.questions.items()}
         self.fact_f1 = (facts[:fact_f1_items], with_other_contexts(facts)[:fact_f1_items])
+        self.counterfactual_f1 = (counterfactual[:16], with_other_contexts(counterfactual)[:16])
         # both tasks and the answer loss whatever the run trains, so every run is scored the same way
         self.config = replace(config, objective="answer", completion=True, reconstruction=True)
 
@@ -135,6 +140,8 @@ class HeldOut:
             "cloze_f1_adapter": self.cloze,
             "facts_f1_adapter": self.fact_f1[0],
             "facts_f1_other_context": self.fact_f1[1],
+            "counterfactual_f1_adapter": self.counterfactual_f1[0],
+            "counterfactual_f1_other_context": self.counterfactual_f1[1],
         }
         for key, items in greedy.items():
             f1s = [
