@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,30 @@ def test_fact_paragraphs_sometimes_refer_back_instead_of_naming_in_full():
         referring += any(s.startswith(back_references) for s in rest) or bool(surname_only)
         assert all(name.lower() in question.lower() for question, _ in questions)  # questions always name it
     assert 10 < referring < 100
+
+
+def test_counterfactual_lead_swaps_every_name_and_number_consistently():
+    import random
+
+    from genadapter.train.facts import counterfactual_lead
+
+    title = "Ada Lovelace"
+    text = (
+        "Ada Lovelace was an English mathematician, born in 1815 in London. In 1833 Lovelace met Charles Babbage "
+        "in London, and in December 1843 she published 65 pages of notes. Her notes were read by 2,400 people."
+    )
+    new_title, new_text = counterfactual_lead(title, text, random.Random(0))
+    assert (new_title, new_text) == counterfactual_lead(title, text, random.Random(0))
+    for name in ("Ada", "Lovelace", "London", "Charles", "Babbage", "1815", "1833", "1843", "65", "2,400"):
+        assert name not in new_text and name not in new_title
+    # kept: sentence-initial words, demonyms, months, lower-case words
+    for kept in ("In 1", "English mathematician", "in December 1", "Her notes were read by"):
+        assert kept in new_text
+    assert new_text.startswith(new_title + " was an English mathematician")
+    london = re.search(r"born in \d{4} in (\w+)\.", new_text).group(1)
+    assert new_text.count(f"{london}, and") == 1  # the same new name at every mention
+    years = [int(w) for w in re.findall(r"\b\d{4}\b", new_text)]
+    assert years == sorted(years) and len(set(years)) == 3  # one shift for all years: their order survives
 
 
 def test_instruction_sources_choose_the_mix():
