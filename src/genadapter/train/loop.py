@@ -136,7 +136,7 @@ class HeldOut:
                     for i in range(0, len(items), 8)
                 ]
                 metrics[f"{name}_nll_{suffix}"] = float(np.mean(nll))
-        greedy = {  # the other-context fact questions keep their gold answer, so F1 there is the control
+        greedy = {  # the other-context questions keep their gold answer, so F1 there is the control
             "cloze_f1_adapter": self.cloze,
             "facts_f1_adapter": self.fact_f1[0],
             "facts_f1_other_context": self.fact_f1[1],
