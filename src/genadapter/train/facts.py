@@ -326,9 +326,10 @@ def _fresh_name(rng: random.Random, taken: set[str]) -> str:
 
 def counterfactual_lead(title: str, text: str, rng: random.Random) -> tuple[str, str]:
     """A Wikipedia lead with every name and number consistently replaced: "Ada Lovelace ... born in 1815 in
-    London" -> "Salo Oakhaven ... born in 1797 in Brookby". Why: on real leads the LM already knows most answers,
-    so the adapter need not store them; the fact paragraphs force storage but in a few fixed sentence shapes.
-    Swapped leads keep real prose while making every name and number unguessable without the context.
+    London" -> "Northford Redfield ... born in 1748 in Delacroix" (with random.Random(0)). Why: on real leads
+    the LM already knows most answers, so the adapter need not store them; the fact paragraphs force storage
+    but in a few fixed sentence shapes. Swapped leads keep real prose while making every name and number
+    unguessable without the context.
 
     A name is a capitalised word in the title or anywhere but a sentence start (so "The", "In" stay); months,
     weekdays and demonyms stay. Years move by one offset (their order survives), other numbers get new digits."""
