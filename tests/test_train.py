@@ -204,6 +204,33 @@ def test_killed_run_resumes_to_the_same_weights(tiny_dirs, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_learning_rate_follows_steps_or_the_time_box_whichever_is_further():
+    from genadapter.train.loop import lr_factor
+
+    boxed = TrainConfig(steps=100, warmup_steps=10, max_minutes=1.0)
+    unboxed = TrainConfig(steps=100, warmup_steps=10)
+    assert lr_factor(boxed, 4, 50.0) == lr_factor(unboxed, 4, 0.0) == pytest.approx(0.5)  # warm-up goes by steps
+    assert lr_factor(boxed, 55, 0.0) == lr_factor(unboxed, 55, 1e9) == pytest.approx(0.55)  # half-way by steps
+    assert lr_factor(boxed, 20, 30.0) == pytest.approx(0.55)  # half-way by time
+    assert lr_factor(boxed, 20, 60.0) == pytest.approx(0.1) == lr_factor(boxed, 100, 0.0)
+
+
+def test_time_boxed_run_stops_early_finishes_and_keeps_its_budget_on_resume(tiny_dirs, tmp_path):
+    base, _ = tiny_dirs
+    config = tiny_train_config(base, tmp_path / "boxed", steps=100_000, warmup_steps=1, max_minutes=0.05)
+    final = train(config)
+    assert (final / "generator.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "boxed" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert 0 < len(steps) < 100_000 and log[-1]["step"] == steps[-1]["step"] and "final_eval" in log[-1]
+    assert steps[-1]["lr"] < 0.5 * config.lr < steps[0]["lr"]  # the cosine ran down with the clock
+    assert torch.load(tmp_path / "boxed" / "checkpoint.pt", weights_only=False)["elapsed_s"] >= 3.0
+
+    train(config)  # resuming: the budget is spent, so no further step
+    again = [json.loads(line) for line in (tmp_path / "boxed" / "log.jsonl").read_text().splitlines()]
+    assert len([r for r in again if "loss" in r]) == len(steps) and again[-1]["step"] == steps[-1]["step"]
+
+
 def test_nan_loss_stops_with_a_clear_message(tiny_dirs, tmp_path, monkeypatch):
     base, _ = tiny_dirs
     import genadapter.train.loop as loop

@@ -62,6 +62,14 @@ class TrainConfig:
     eval_sequences: int = field(default=16, metadata={"help": "Held-out sequences per evaluation."})
     log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
     checkpoint_minutes: float = field(default=5.0, metadata={"help": "Save a resumable checkpoint this often."})
+    max_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Time box (0 = none): stop after this many minutes of training and finish as if `steps` "
+            "were done. The cosine follows whichever of steps and time is further along, so a time-boxed run (a lent "
+            "GPU, a session's end) still ends at the low learning rate. Checkpoints keep the elapsed time."
+        },
+    )
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the final generator weights."})
 
     def __post_init__(self) -> None:
@@ -73,6 +81,8 @@ class TrainConfig:
             raise GenAdapterError(f"objective must be one of {OBJECTIVES}")
         if self.recipe == "pretrain" and not (self.reconstruction or self.completion):
             raise GenAdapterError("pretraining needs reconstruction, completion or both")
+        if self.max_minutes < 0:
+            raise GenAdapterError("max_minutes must be 0 (no time box) or positive")
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

@@ -57,14 +57,14 @@ class GeneratorTrainer(nn.Module):
         return instruct_losses(self.ga, batch, self.config)
 
 
-def _schedule(config: TrainConfig):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Linear warm-up, then cosine decay to 10% over the steps — or over the time box, if that runs out first."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.max_minutes:
+        progress = max(progress, elapsed_s / (60 * config.max_minutes))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapter:
@@ -165,14 +165,14 @@ def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
     return "instruct", [examples[i] for i in picks], rng
 
 
-def _save_checkpoint(path: Path, generator, optimizer, scheduler, step: int, config: TrainConfig) -> None:
+def _save_checkpoint(path: Path, generator, optimizer, step: int, elapsed_s: float, config: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
             "generator": generator.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "step": step,
+            "elapsed_s": elapsed_s,
             "config": config.to_dict(),
         },
         tmp,
@@ -214,17 +214,15 @@ def train(config: TrainConfig) -> Path:
 
     trainer = GeneratorTrainer(ga, config)
     optimizer = torch.optim.AdamW(ga.generator.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     checkpoint = out / "checkpoint.pt"
-    start = 0
+    start, elapsed_before = 0, 0.0  # steps and seconds of training already done (a resumed run)
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=accelerator.device, weights_only=False)
         ga.generator.load_state_dict(state["generator"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         accelerator.print(f"resuming from step {start} ({checkpoint})")
-    trainer, optimizer, scheduler = accelerator.prepare(trainer, optimizer, scheduler)
+    trainer, optimizer = accelerator.prepare(trainer, optimizer)
     log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
 
     def write(record: dict) -> None:
@@ -233,6 +231,10 @@ def train(config: TrainConfig) -> Path:
             log.flush()
 
     last_save, started, tokens = time.monotonic(), time.monotonic(), 0
+
+    def elapsed_s() -> float:  # training time of the whole run, across resumes: what the time box counts
+        return elapsed_before + time.monotonic() - started
+
     window: list[tuple[str, dict[str, float]]] = []  # (kind, losses) of the steps since the last log line
     progress = tqdm(
         range(start, config.steps),
@@ -241,7 +243,16 @@ def train(config: TrainConfig) -> Path:
         desc=config.recipe,
         disable=not accelerator.is_main_process,
     )
+    done = start
     for step in progress:
+        if config.max_minutes:
+            if elapsed_s() >= 60 * config.max_minutes:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # every process stops at the same step (DDP)
+                accelerator.print(f"time box of {config.max_minutes} min reached after {step} steps")
+                break
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, step, elapsed_s())
         kind, batch, rng = _batch(config, step, accelerator.process_index, stream, examples)
         with accelerator.autocast():
             losses = trainer(kind, batch, rng)
@@ -258,19 +269,18 @@ def train(config: TrainConfig) -> Path:
                 f"gradient norm is {grad_norm.item()} at step {step}; checkpoint {checkpoint} is intact"
             )
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        done = step + 1
         tokens += seq_len * config.batch_size if kind == "pretrain" else config.batch_size * config.max_context_tokens
         progress.set_postfix(loss=f"{loss.item():.3f}")
         window.append((kind, {"grad_norm": grad_norm.item(), **{k: v.item() for k, v in losses.items()}}))
         if (step + 1) % config.log_every == 0:
-            elapsed = time.monotonic() - started
             write(
                 {
                     "step": step + 1,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tokens / elapsed,
-                    "elapsed_s": elapsed,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": tokens / (time.monotonic() - started),
+                    "elapsed_s": elapsed_s(),
                     **window_means(window),
                 }
             )
@@ -280,14 +290,14 @@ def train(config: TrainConfig) -> Path:
             write({"step": step + 1, "eval": heldout.evaluate(ga)})
             ga.generator.train()
         if accelerator.is_main_process and time.monotonic() - last_save > 60 * config.checkpoint_minutes:
-            _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, step + 1, config)
+            _save_checkpoint(checkpoint, ga.generator, optimizer, step + 1, elapsed_s(), config)
             last_save = time.monotonic()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out / "generator"
-    _save_checkpoint(checkpoint, ga.generator, optimizer, scheduler, config.steps, config)
+    _save_checkpoint(checkpoint, ga.generator, optimizer, done, elapsed_s(), config)
     metrics = finalize(ga, config, heldout)
-    write({"step": config.steps, "final_eval": metrics})
+    write({"step": done, "elapsed_s": elapsed_s(), "final_eval": metrics})
     accelerator.print(json.dumps(metrics, indent=2))
     return out / "generator"
 
