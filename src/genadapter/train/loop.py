@@ -295,9 +295,10 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out / "generator"
-    _save_checkpoint(checkpoint, ga.generator, optimizer, done, elapsed_s(), config)
+    trained_s = elapsed_s()  # before the final evaluation, which is not training time
+    _save_checkpoint(checkpoint, ga.generator, optimizer, done, trained_s, config)
     metrics = finalize(ga, config, heldout)
-    write({"step": done, "elapsed_s": elapsed_s(), "final_eval": metrics})
+    write({"step": done, "elapsed_s": trained_s, "final_eval": metrics})
     accelerator.print(json.dumps(metrics, indent=2))
     return out / "generator"
 
