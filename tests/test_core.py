@@ -126,3 +126,21 @@ def test_removing_everything_gives_exactly_no_adapter(ga):
     assert all(torch.equal(v, torch.zeros_like(v)) for v in empty.sums.values())
     ids, mask = ga.pad([ga.tokenizer("Where?")["input_ids"]])
     assert torch.equal(ga.logits(ids, mask, state=empty), ga.logits(ids, mask))
+
+
+def test_embedded_model_always_ends_turns_with_im_end(tmp_path, monkeypatch):
+    """transformers 5.17 converted the GGUF with eos <|im_start|>: answers trained to end with eos then ran on."""
+    from conftest import save_tiny_dirs
+    from transformers import AutoTokenizer
+
+    import genadapter.models as models
+
+    base, _ = save_tiny_dirs(tmp_path)
+    converted = AutoTokenizer.from_pretrained(base)
+    converted.eos_token = "<|im_start|>"
+    converted.save_pretrained(base)
+    monkeypatch.setattr(models, "resolve_base", lambda name: (models.EMBEDDED_MODEL, base))
+    _, model, tokenizer = models.load_base(None)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == end
+    assert model.generation_config.eos_token_id == end == model.generation_config.pad_token_id

