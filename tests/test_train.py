@@ -16,7 +16,7 @@ from conftest import TEXT_A, make_adapter, tiny_config
 from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
 from genadapter.train.data import instruction_examples, metaicl_train_tasks, split_wiki
-from genadapter.train.facts import fact_questions
+from genadapter.train.facts import OpenValues, fact_questions
 from genadapter.train.loop import TrainingError, train
 from genadapter.train.objectives import pretrain_losses
 
@@ -133,6 +133,55 @@ def test_counterfactual_lead_swaps_every_name_and_number_consistently():
     assert years == sorted(years) and len(set(years)) == 3  # one shift for all years: their order survives
 
 
+def _open_values(heldout: bool, probability: float = 1.0):
+    from genadapter.train.facts import OpenValues
+
+    # titles with q, x or j: invented words (no such onsets) can never spell one, so any hit came from a pool
+    leads = [
+        *[(title, f"{title} is a city.") for title in ("Quorvex", "Jaxtown", "Exquill", "Qualdrix", "Vexjor")],
+        *[(title.capitalize(), f"The {title} is a thing.") for title in ("quillax", "jexwort", "quasque", "boxjaw")],
+        *[
+            (f"{a} {b}", f"{a} {b} was a writer.")
+            for a, b in (("Quin", "Jaxby"), ("Xaver", "Quell"), ("Jaxon", "Quobb"))
+        ],
+        ("Quex (band)", "skipped: not all letters"),
+    ]
+    return OpenValues.from_leads(leads, heldout=heldout, probability=probability)
+
+
+def test_open_fact_values_split_titles_into_kinds_and_keep_a_heldout_half():
+    train_values, heldout_values = _open_values(False), _open_values(True)
+    merged = {
+        kind: set(getattr(train_values, kind)) | set(getattr(heldout_values, kind))
+        for kind in ("first_names", "proper_nouns", "things")
+    }
+    assert merged == {
+        "first_names": {"Quin", "Xaver", "Jaxon"},
+        "proper_nouns": {"Quorvex", "Jaxtown", "Exquill", "Qualdrix", "Vexjor", "Jaxby", "Quell", "Quobb"},
+        "things": {"quillax", "jexwort", "quasque", "boxjaw"},
+    }
+    for kind in merged:
+        assert not set(getattr(train_values, kind)) & set(getattr(heldout_values, kind))
+    with pytest.raises(ValueError, match="probability"):
+        _open_values(False, probability=0.0)
+
+
+def test_fact_draws_use_open_values_of_their_half_only():
+    import random
+
+    from genadapter.train.facts import FactRandom
+
+    assert fact_questions(FactRandom(5), 60) == fact_questions(random.Random(5), 60)  # no values: the lists only
+    train_values, heldout_values = _open_values(False), _open_values(True)
+    triples = fact_questions(FactRandom(5, train_values), 200)
+    assert triples != fact_questions(random.Random(5), 200)
+    text = " ".join(" ".join(context) + " " + answer for context, _, answer in triples)
+    assert sum(train_values.holds_value(answer) for _, _, answer in triples) > 50
+    assert not heldout_values.holds_value(text)  # evaluation values never reach training data
+    known_for = [answer for _, question, answer in triples if "known for making" in question]
+    assert known_for and set(known_for) <= set(train_values.things)
+
+
 def test_instruction_sources_choose_the_mix():
     facts_only = instruction_examples(50, seed=0, sources=["facts"], facts=30)
     assert len(facts_only) == 30 and {ex.task for ex in facts_only} == {"facts"}
@@ -153,8 +202,9 @@ def test_recipe_runs_and_writes_outputs(tiny_dirs, tmp_path, recipe):
     metrics = json.loads((final / "heldout_metrics.json").read_text())
     kinds = ("adapter", "other_context", "base")
     expected = {f"{task}_{kind}" for task in ("completion", "reconstruction") for kind in kinds}
-    expected |= {f"{task}_nll_{kind}" for task in ("qa", "facts") for kind in kinds}
-    assert expected | {"cloze_f1_adapter", "facts_f1_adapter", "facts_f1_other_context"} <= set(metrics)
+    expected |= {f"{task}_nll_{kind}" for task in ("qa", "facts", "facts_open") for kind in kinds}
+    expected |= {f"{facts}_f1_{kind}" for facts in ("facts", "facts_open") for kind in ("adapter", "other_context")}
+    assert expected | {"cloze_f1_adapter"} <= set(metrics)
     log = [json.loads(line) for line in (tmp_path / recipe / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
 
@@ -367,6 +417,9 @@ def test_more_fact_f1_items_extend_the_default_draw():
     assert [len(items) for items in longer.fact_f1] == [40, 40]
     assert longer.questions["facts"] == default.questions["facts"]  # the NLL set does not move
     assert [items[:16] for items in longer.fact_f1] == list(default.fact_f1)
+    assert [items[:16] for items in longer.open_fact_f1] == list(default.open_fact_f1)
+    for ex in default.questions["facts_open"]:  # every answer holds a value training never draws
+        assert not OpenValues.from_leads(split_wiki(20)[0], heldout=False).holds_value(ex.answer)
     with pytest.raises(GenAdapterError, match="at least 1"):
         HeldOut(ga, config, fact_f1_items=0)
 

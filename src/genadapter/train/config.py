@@ -55,6 +55,14 @@ class TrainConfig:
         },
     )
     facts: int = field(default=0, metadata={"help": "Instruct: synthetic fact questions to mix in."})
+    open_fact_values: float = field(
+        default=0.0,
+        metadata={
+            "help": "Instruct: chance that a fact value (name, town, product, trade, dish, festival) comes from "
+            "Wikipedia titles instead of train/facts.py's short lists (0 = lists only, as up to stage 10). "
+            "On the lists alone the generator learnt to pick an entry, not to copy the value."
+        },
+    )
     max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})
     max_documents: int = field(default=0, metadata={"help": "Cap on pretraining documents (0 = all); for smoke tests."})
     heldout_docs: int = field(default=200, metadata={"help": "Wikipedia leads kept out of training for evaluation."})
@@ -83,6 +91,8 @@ class TrainConfig:
             raise GenAdapterError("pretraining needs reconstruction, completion or both")
         if self.max_minutes < 0:
             raise GenAdapterError("max_minutes must be 0 (no time box) or positive")
+        if not 0 <= self.open_fact_values <= 1:
+            raise GenAdapterError("open_fact_values must be between 0 and 1")
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

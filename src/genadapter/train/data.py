@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import formats
 from ..errors import GenAdapterError
-from .facts import counterfactual_lead, fact_questions
+from .facts import FactRandom, OpenValues, counterfactual_lead, fact_questions
 
 DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
 HELDOUT_SEED = 1234  # fixed across runs so held-out numbers compare
@@ -240,14 +240,20 @@ def group_by_context(examples: list[Example]) -> list[list[Example]]:
 INSTRUCTION_SOURCES = ("passages", "wiki", "counterfactual", "icl", "facts")
 
 
-def instruction_examples(heldout: int, seed: int, sources=INSTRUCTION_SOURCES, facts: int = 0) -> list[Example]:
-    """The instruction mix from the chosen sources; `facts` synthetic fact questions when "facts" is one."""
+def instruction_examples(
+    heldout: int, seed: int, sources=INSTRUCTION_SOURCES, facts: int = 0, open_fact_values: float = 0.0
+) -> list[Example]:
+    """The instruction mix from the chosen sources; `facts` synthetic fact questions when "facts" is one, their
+    values drawn from the training half of `OpenValues` with chance `open_fact_values`."""
     unknown = set(sources) - set(INSTRUCTION_SOURCES)
     if unknown:
         raise GenAdapterError(f"unknown instruction sources {sorted(unknown)}; choose from {INSTRUCTION_SOURCES}")
-    rng = random.Random(seed)
-    tasks = metaicl_train_tasks()
     train_leads, _ = split_wiki(heldout)
+    values = None
+    if open_fact_values:
+        values = OpenValues.from_leads(train_leads, heldout=False, probability=open_fact_values)
+    rng = FactRandom(seed, values)  # draws what random.Random(seed) draws, until a fact slot takes an open value
+    tasks = metaicl_train_tasks()
     examples = []
     if "passages" in sources:
         examples += passage_examples(tasks)

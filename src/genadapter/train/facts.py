@@ -10,13 +10,21 @@ serve as distractors, so the generator must store several at once and the questi
 Names mix made-up syllables with real surnames and English-looking place names, and later sentences often
 refer back with a surname or "the town" instead of the full name: with made-up syllables alone the adapted LM
 learnt to answer *any* who-question with a made-up name, whatever the document said.
+
+The short value lists below let the generator cheat: it learnt to pick which list entry a paragraph named, not to
+copy the value. Stage 10 answered 30.4 F1 on 96 held-out paragraphs, 6.9 when every list was swapped for values it
+had never seen (a throwaway probe), and it still answered from the old lists ("wool", "Kofi Kowal"). `OpenValues`
+draws names, towns and things from thousands of Wikipedia titles instead, split by a hash into values for training
+and values kept for evaluation.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "v", "w", "z")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou", "y")
@@ -62,17 +70,103 @@ def invented_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> st
     return ("".join(parts) + rng.choice(_CODAS)).capitalize()
 
 
+# words of the value templates ("the University of …", "… Street", "… Festival", "tulip farming"): never a value
+_FIXED = set("the of University Street Festival Works Group and Sons Society Club Guild Company".split())
+_FIXED |= set("farming making mining trade soup pie stew".split())
+_LISTED = _FIXED | {  # and every word of the lists
+    word
+    for values in (FIRST_NAMES, SURNAMES, PROFESSIONS, SUBJECTS, PRODUCTS, COLOURS, ANIMALS, INSTRUMENTS, LANDMARKS)
+    + (INDUSTRIES, FOODS, VEHICLES, MONTHS, WEEKDAYS)
+    for value in values
+    for word in value.split()
+}
+_HELDOUT_BUCKET = 5  # one value in 5 (by a hash of its text) is kept for evaluation
+
+
+@dataclass(frozen=True)
+class OpenValues:
+    """Fact values from Wikipedia titles: first names and surnames from two- and three-word titles ("Frank Gehry"),
+    proper nouns from one-word titles whose lead never writes them in lower case ("Nagpur": towns, surnames), and
+    common nouns from those it does ("cider": products, trades, dishes, festivals). `probability` is the chance that
+    a slot takes an open value instead of a list entry; `heldout` chooses the half of each pool."""
+
+    first_names: tuple[str, ...]
+    proper_nouns: tuple[str, ...]
+    things: tuple[str, ...]
+    probability: float = 1.0
+
+    @classmethod
+    def from_leads(cls, leads: Iterable[tuple[str, str]], heldout: bool, probability: float = 1.0) -> OpenValues:
+        if not 0 < probability <= 1:
+            raise ValueError("probability must be in (0, 1]")
+        first, proper, things = set(), set(), set()
+        for title, text in leads:
+            words = title.split()
+            if not all(re.fullmatch(r"[A-Za-z]{3,14}", w) for w in words):
+                continue
+            if len(words) == 1 and re.search(rf"\b{title.lower()}\b", text):
+                things.add(title.lower())
+            elif len(words) == 1:
+                proper.add(title)
+            elif len(words) <= 3 and all(w[0].isupper() for w in words):
+                first.add(words[0])
+                proper.add(words[-1])
+
+        def half(pool: set[str]) -> tuple[str, ...]:
+            pool = pool - _FIXED
+            kept = tuple(sorted(v for v in pool if (zlib.crc32(v.encode()) % _HELDOUT_BUCKET == 0) == heldout))
+            if not kept:
+                raise ValueError("the leads gave no values for one of the pools")
+            return kept
+
+        return cls(half(first), half(proper), half(things), probability)
+
+    def holds_value(self, text: str) -> bool:
+        """Whether `text` holds one of these values: the held-out questions whose answer must be copied."""
+        pools = (self.first_names, self.proper_nouns, self.things)
+        words = set(re.findall(r"[A-Za-z]+", text)) - _LISTED
+        return any(word in pool for word in words for pool in pools)
+
+
+class FactRandom(random.Random):
+    """A seeded random source that also carries the open values a fact draw may use. With `values=None` it draws
+    exactly what `random.Random(seed)` does (the lists only), so earlier runs stay reproducible."""
+
+    def __init__(self, seed: int, values: OpenValues | None = None):
+        super().__init__(seed)
+        self.values = values
+
+
+def _open(rng: random.Random, pool: str) -> str | None:
+    """A value from the open pool `pool`, or None (use the list) — always None for a plain random.Random."""
+    values = getattr(rng, "values", None)
+    if values is None or rng.random() >= values.probability:
+        return None
+    return rng.choice(getattr(values, pool))
+
+
 def surname(rng: random.Random) -> str:
+    if (value := _open(rng, "proper_nouns")) is not None:
+        return value
     return invented_word(rng) if rng.random() < 0.5 else rng.choice(SURNAMES)
 
 
 def person(rng: random.Random) -> str:
-    return f"{rng.choice(FIRST_NAMES)} {surname(rng)}"
+    return f"{_open(rng, 'first_names') or rng.choice(FIRST_NAMES)} {surname(rng)}"
 
 
 def place(rng: random.Random) -> str:
     """A made-up town: invented syllables or an English-looking compound ("Saltwick", "Oakhaven")."""
+    if (value := _open(rng, "proper_nouns")) is not None:
+        return value
     return invented_word(rng) if rng.random() < 0.5 else rng.choice(_PLACE_HEADS) + rng.choice(_PLACE_TAILS)
+
+
+def common_noun(rng: random.Random, listed: tuple[str, ...] | list[str], suffixes: tuple[str, ...] = ("",)) -> str:
+    """A common noun: an open one with a suffix ("tulip farming", "cider stew"), or an entry of `listed`."""
+    if (value := _open(rng, "things")) is not None:
+        return (value + " " + rng.choice(suffixes)).strip()
+    return rng.choice(listed)
 
 
 # One fact = (sentence, question, answer); a kind of entity = a name maker + fact makers taking (rng, name).
@@ -127,7 +221,7 @@ def _person_facts() -> list[FactMaker]:
         )
 
     def home(rng, n):
-        street, town, food = f"{surname(rng)} Street", place(rng), rng.choice(FOODS)
+        street, town, food = f"{surname(rng)} Street", place(rng), common_noun(rng, FOODS, ("soup", "pie", "stew"))
         return rng.choice(
             (
                 (f"{n} lives on {street} in {town}.", f"On which street does {n} live?", street),
@@ -158,7 +252,7 @@ def _place_facts() -> list[FactMaker]:
         )
 
     def economy(rng, n):
-        product = rng.choice(PRODUCTS)
+        product = common_noun(rng, PRODUCTS)
         return (f"{n} is best known for making {product}.", f"What is {n} known for making?", product)
 
     def people(rng, n):
@@ -182,7 +276,9 @@ def _place_facts() -> list[FactMaker]:
         )
 
     def industry(rng, n):
-        trade, festival, month = rng.choice(INDUSTRIES), f"{invented_word(rng)} Festival", rng.choice(MONTHS)
+        trade = common_noun(rng, INDUSTRIES, ("farming", "making", "mining", "trade"))
+        festival = f"{(_open(rng, 'things') or invented_word(rng)).capitalize()} Festival"
+        month = rng.choice(MONTHS)
         return rng.choice(
             (
                 (f"The main industry of {n} is {trade}.", f"What is the main industry of {n}?", trade),
@@ -245,7 +341,7 @@ def _organisation_facts() -> list[FactMaker]:
         return (f"{n} has {members} members.", f"How many members does {n} have?", members)
 
     def trade(rng, n):
-        product, partner = rng.choice(PRODUCTS), person(rng)
+        product, partner = common_noun(rng, PRODUCTS), person(rng)
         return rng.choice(
             (
                 (f"{n} sells {product} to the mainland.", f"What does {n} sell?", product),

@@ -36,6 +36,7 @@ from .data import (
     split_wiki,
     wiki_examples,
 )
+from .facts import FactRandom, OpenValues
 from .objectives import instruct_losses, pretrain_losses
 
 
@@ -96,7 +97,7 @@ class HeldOut:
     def __init__(self, ga: GenerativeAdapter, config: TrainConfig, fact_f1_items: int = 16):
         if fact_f1_items < 1:
             raise GenAdapterError("fact_f1_items must be at least 1")
-        _, leads = split_wiki(config.heldout_docs)
+        train_leads, leads = split_wiki(config.heldout_docs)
         stream = TokenStream([f"{t}\n{x}" for t, x in leads], ga.tokenizer)
         rng = np.random.default_rng(HELDOUT_SEED)
         self.sequences = stream.sample(rng, config.num_chunks * ga.config.chunk_size, config.eval_sequences)
@@ -108,9 +109,20 @@ class HeldOut:
         facts = fact_examples(random.Random(HELDOUT_SEED), max(32, fact_f1_items))
         # real prose, invented names and numbers: what the adapter stores of text unlike the fact paragraphs
         counterfactual = counterfactual_examples(leads, random.Random(HELDOUT_SEED))
-        self.questions = {"qa": questions[:32], "facts": facts[:32], "counterfactual": counterfactual[:32]}
+        # values never used in training (the held-out half of OpenValues), asked only where the answer holds one:
+        # an adapter that picks among values it was trained on cannot answer these, only one that copies
+        values = OpenValues.from_leads(train_leads, heldout=True)
+        draw = fact_examples(FactRandom(HELDOUT_SEED, values), 4 * max(32, fact_f1_items))
+        open_facts = [ex for ex in draw if values.holds_value(ex.answer)]
+        self.questions = {
+            "qa": questions[:32],
+            "facts": facts[:32],
+            "facts_open": open_facts[:32],
+            "counterfactual": counterfactual[:32],
+        }
         self.other_questions = {name: with_other_contexts(qs) for name, qs in self.questions.items()}
         self.fact_f1 = (facts[:fact_f1_items], with_other_contexts(facts)[:fact_f1_items])
+        self.open_fact_f1 = (open_facts[:fact_f1_items], with_other_contexts(open_facts)[:fact_f1_items])
         self.counterfactual_f1 = (counterfactual[:16], with_other_contexts(counterfactual)[:16])
         # both tasks and the answer loss whatever the run trains, so every run is scored the same way
         self.config = replace(config, objective="answer", completion=True, reconstruction=True)
@@ -140,6 +152,8 @@ class HeldOut:
             "cloze_f1_adapter": self.cloze,
             "facts_f1_adapter": self.fact_f1[0],
             "facts_f1_other_context": self.fact_f1[1],
+            "facts_open_f1_adapter": self.open_fact_f1[0],
+            "facts_open_f1_other_context": self.open_fact_f1[1],
             "counterfactual_f1_adapter": self.counterfactual_f1[0],
             "counterfactual_f1_other_context": self.counterfactual_f1[1],
         }
@@ -206,7 +220,7 @@ def train(config: TrainConfig) -> Path:
     seq_len = config.num_chunks * ga.config.chunk_size
     stream = TokenStream(pretrain_documents(config.heldout_docs, config.max_documents), ga.tokenizer)
     examples = (
-        instruction_examples(config.heldout_docs, config.seed, config.sources, config.facts)
+        instruction_examples(config.heldout_docs, config.seed, config.sources, config.facts, config.open_fact_values)
         if config.recipe == "instruct"
         else []
     )
