@@ -172,6 +172,9 @@ def test_fact_draws_use_open_values_of_their_half_only():
     from genadapter.train.facts import FactRandom
 
     assert fact_questions(FactRandom(5), 60) == fact_questions(random.Random(5), 60)  # no values: the lists only
+    # and exactly what stages 7-10 drew before open values existed (answers recorded from commit 8dd3b89)
+    recorded = ["6 hours", "glassware", "728", "salt", "porcelain", "Luca Halloran", "Stougrend", "Chen Kipos"]
+    assert [answer for _, _, answer in fact_questions(random.Random(0), 8)] == recorded
     train_values, heldout_values = _open_values(False), _open_values(True)
     triples = fact_questions(FactRandom(5, train_values), 200)
     assert triples != fact_questions(random.Random(5), 200)
