@@ -134,8 +134,6 @@ def test_counterfactual_lead_swaps_every_name_and_number_consistently():
 
 
 def _open_values(heldout: bool, probability: float = 1.0):
-    from genadapter.train.facts import OpenValues
-
     # titles with q, x or j: invented words (no such onsets) can never spell one, so any hit came from a pool
     leads = [
         *[(title, f"{title} is a city.") for title in ("Quorvex", "Jaxtown", "Exquill", "Qualdrix", "Vexjor")],
@@ -421,8 +419,9 @@ def test_more_fact_f1_items_extend_the_default_draw():
     assert longer.questions["facts"] == default.questions["facts"]  # the NLL set does not move
     assert [items[:16] for items in longer.fact_f1] == list(default.fact_f1)
     assert [items[:16] for items in longer.open_fact_f1] == list(default.open_fact_f1)
+    training_values = OpenValues.from_leads(split_wiki(20)[0], heldout=False)
     for ex in default.questions["facts_open"]:  # every answer holds a value training never draws
-        assert not OpenValues.from_leads(split_wiki(20)[0], heldout=False).holds_value(ex.answer)
+        assert not training_values.holds_value(ex.answer)
     with pytest.raises(GenAdapterError, match="at least 1"):
         HeldOut(ga, config, fact_f1_items=0)
 

@@ -73,7 +73,7 @@ def invented_word(rng: random.Random, syllables: tuple[int, int] = (2, 3)) -> st
 # words of the value templates ("the University of …", "… Street", "… Festival", "tulip farming"): never a value
 _FIXED = set("the of University Street Festival Works Group and Sons Society Club Guild Company".split())
 _FIXED |= set("farming making mining trade soup pie stew".split())
-_LISTED = _FIXED | {  # and every word of the lists
+_LISTED = {  # every word of the lists: an answer holding only these can be picked, not copied
     word
     for values in (FIRST_NAMES, SURNAMES, PROFESSIONS, SUBJECTS, PRODUCTS, COLOURS, ANIMALS, INSTRUMENTS, LANDMARKS)
     + (INDUSTRIES, FOODS, VEHICLES, MONTHS, WEEKDAYS)
@@ -146,9 +146,7 @@ def _open(rng: random.Random, pool: str) -> str | None:
 
 
 def surname(rng: random.Random) -> str:
-    if (value := _open(rng, "proper_nouns")) is not None:
-        return value
-    return invented_word(rng) if rng.random() < 0.5 else rng.choice(SURNAMES)
+    return _open(rng, "proper_nouns") or (invented_word(rng) if rng.random() < 0.5 else rng.choice(SURNAMES))
 
 
 def person(rng: random.Random) -> str:
@@ -157,16 +155,15 @@ def person(rng: random.Random) -> str:
 
 def place(rng: random.Random) -> str:
     """A made-up town: invented syllables or an English-looking compound ("Saltwick", "Oakhaven")."""
-    if (value := _open(rng, "proper_nouns")) is not None:
-        return value
-    return invented_word(rng) if rng.random() < 0.5 else rng.choice(_PLACE_HEADS) + rng.choice(_PLACE_TAILS)
+    return _open(rng, "proper_nouns") or (
+        invented_word(rng) if rng.random() < 0.5 else rng.choice(_PLACE_HEADS) + rng.choice(_PLACE_TAILS)
+    )
 
 
 def common_noun(rng: random.Random, listed: tuple[str, ...] | list[str], suffixes: tuple[str, ...] = ("",)) -> str:
     """A common noun: an open one with a suffix ("tulip farming", "cider stew"), or an entry of `listed`."""
-    if (value := _open(rng, "things")) is not None:
-        return (value + " " + rng.choice(suffixes)).strip()
-    return rng.choice(listed)
+    value = _open(rng, "things")
+    return (value + " " + rng.choice(suffixes)).strip() if value else rng.choice(listed)
 
 
 # One fact = (sentence, question, answer); a kind of entity = a name maker + fact makers taking (rng, name).
