@@ -11,14 +11,22 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_A, make_adapter, tiny_config
+from conftest import TEXT_A, TEXT_B, make_adapter, tiny_config
 
+from genadapter import formats
 from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
-from genadapter.train.data import instruction_examples, metaicl_train_tasks, split_wiki
+from genadapter.train.data import Example, instruction_examples, metaicl_train_tasks, split_wiki
 from genadapter.train.facts import OpenValues, fact_questions
 from genadapter.train.loop import TrainingError, train
-from genadapter.train.objectives import pretrain_losses
+from genadapter.train.objectives import (
+    AnswerBatch,
+    adapted_logits,
+    context_states,
+    instruct_losses,
+    pretrain_losses,
+    row_nll,
+)
 
 
 def tiny_train_config(base, out, **overrides) -> TrainConfig:
@@ -51,6 +59,36 @@ def test_pretrain_losses_use_prefix_states():
     assert set(with_adapter) == {"completion", "reconstruction", "loss"}
     assert with_adapter["loss"].requires_grad
     assert not torch.isclose(with_adapter["completion"], without["completion"])
+
+
+def test_instruct_losses_on_answer_logits_equal_those_on_all_logits():
+    """The answer NLL and the distillation KL project only answer positions onto the vocabulary; they must
+    equal the same losses taken from the logits of every position."""
+    ga = make_adapter()
+    examples = [Example([TEXT_A], "Where is the tower?", "in Paris", "t"), Example([TEXT_B], "Who?", "Curie", "t")]
+    batch = AnswerBatch.build(ga, examples, 64)
+    normalized = ga.generator.normalize(context_states(ga, batch.contexts))
+    full = adapted_logits(ga, batch.ids, batch.mask, normalized)
+    nll, logits = batch.answer_nll(ga, normalized)
+    torch.testing.assert_close(nll, row_nll(full, batch.ids, batch.answer_mask).mean())
+    assert logits.shape == (int(batch.answer_mask.sum()), full.shape[-1])
+
+    # the KL as the loop over rows of full teacher and student logits computed it
+    tok = ga.tokenizer
+    total, count = 0.0, 0
+    for row, (ex, answer) in enumerate(zip(examples, batch.answers, strict=True)):
+        context = "\n\n".join(tok.decode(doc) for doc in batch.contexts[row])
+        teacher_prompt = tok(ga.format_prompt(formats.with_context(context, ex.prompt)), add_special_tokens=False)
+        t_ids = torch.tensor([teacher_prompt["input_ids"] + answer])
+        t_logp = adapted_logits(ga, t_ids, torch.ones_like(t_ids), None)[0, -len(answer) - 1 : -1].log_softmax(-1)
+        start = int(batch.answer_mask[row].nonzero()[0]) - 1
+        s_logp = full[row, start : start + len(answer)].log_softmax(-1)
+        total += (t_logp.exp() * (t_logp - s_logp)).sum()
+        count += len(answer)
+    config = tiny_train_config("x", "y", recipe="instruct", objective="mix", max_context_tokens=64)
+    losses = instruct_losses(ga, examples, config)
+    torch.testing.assert_close(losses["distill"], total / count)
+    torch.testing.assert_close(losses["answer"], nll)
 
 
 def test_other_context_control_changes_only_the_adapter_source():

@@ -34,10 +34,26 @@ def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> di
     return out
 
 
-def adapted_logits(ga: GenerativeAdapter, ids: Tensor, mask: Tensor, normalized: dict[str, Tensor] | None) -> Tensor:
-    """Logits of the LM with one normalised state per row (name -> (N, R1, R2)), or of the bare LM (None)."""
+def adapted_logits(
+    ga: GenerativeAdapter,
+    ids: Tensor,
+    mask: Tensor,
+    normalized: dict[str, Tensor] | None,
+    keep: Tensor | None = None,
+) -> Tensor:
+    """Logits of the LM with one normalised state per row (name -> (N, R1, R2)), or of the bare LM (None):
+    (N, T, V), or (K, V) at the K positions where the bool `keep` (N, T) is True, in row-major order. Why
+    `keep`: the vocabulary projection and its softmax cost as much per position as a fifth of the LM, and an
+    instruction example scores only its few answer positions."""
     with ga.injector.activate(normalized):
-        return ga.model(input_ids=ids, attention_mask=mask).logits.float()
+        return ga.model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if keep is None else keep).logits.float()
+
+
+def next_token_positions(target_mask: Tensor) -> Tensor:
+    """Bool (N, T): the positions whose *next* token is a target (target_mask (N, T) is 1 on target tokens)."""
+    keep = torch.zeros_like(target_mask, dtype=torch.bool)
+    keep[:, :-1] = target_mask[:, 1:].bool()
+    return keep
 
 
 def row_nll(logits: Tensor, ids: Tensor, target_mask: Tensor) -> Tensor:
@@ -110,13 +126,22 @@ def _truncate(documents: list[list[int]], budget: int) -> list[list[int]]:
     return out
 
 
+def prompt_answer_ids(ga: GenerativeAdapter, prompts: list[list[int]], answers: list[list[int]]) -> tuple[Tensor, ...]:
+    """Padded prompt + answer rows: (ids, attention mask, answer mask), each (N, T); the answer mask is 1 on the
+    answer tokens."""
+    ids, mask = ga.pad([p + a for p, a in zip(prompts, answers, strict=True)])
+    answer_mask = torch.zeros_like(mask)
+    for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        answer_mask[row, len(p) : len(p) + len(a)] = 1
+    return ids, mask, answer_mask
+
+
 @dataclass
 class AnswerBatch:
     """Token ids of a batch of examples: truncated contexts, closed-book prompts + answers, and which
     positions are answer tokens (the only ones scored)."""
 
     contexts: list[list[list[int]]]
-    prompts: list[list[int]]
     answers: list[list[int]]
     ids: Tensor  # (N, T) prompt + answer, padded
     mask: Tensor  # (N, T)
@@ -131,16 +156,18 @@ class AnswerBatch:
             for ex in examples
         ]
         prompts = [tok(ga.format_prompt(ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
-        ids, mask = ga.pad([p + a for p, a in zip(prompts, answers, strict=True)])
-        answer_mask = torch.zeros_like(mask)
-        for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
-            answer_mask[row, len(p) : len(p) + len(a)] = 1
-        return cls(contexts, prompts, answers, ids, mask, answer_mask)
+        return cls(contexts, answers, *prompt_answer_ids(ga, prompts, answers))
 
     def answer_nll(self, ga: GenerativeAdapter, normalized: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """(mean answer NLL, logits) of the LM with one normalised state per row, or of the bare LM (None)."""
-        logits = adapted_logits(ga, self.ids, self.mask, normalized)
-        return row_nll(logits, self.ids, self.answer_mask).mean(), logits
+        """(mean over rows of the mean answer-token NLL, logits (K, V) at the K positions that predict an answer
+        token, row by row) of the LM with one normalised state per row, or of the bare LM (None)."""
+        keep = next_token_positions(self.answer_mask)
+        logits = adapted_logits(ga, self.ids, self.mask, normalized, keep)
+        nll = F.cross_entropy(logits, self.ids[:, 1:][keep[:, :-1]], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        counts = keep.sum(1)
+        per_row = nll.new_zeros(len(counts)).index_add(0, rows, nll) / counts.clamp_min(1)
+        return per_row.mean(), logits
 
 
 def instruct_losses(
@@ -156,25 +183,22 @@ def instruct_losses(
     if config.objective in ("answer", "mix"):
         losses["answer"] = answer
     if config.objective in ("distill", "mix"):
-        losses["distill"] = distillation_kl(ga, examples, batch.contexts, batch.prompts, batch.answers, student)
+        losses["distill"] = distillation_kl(ga, examples, batch.contexts, batch.answers, student)
     losses["loss"] = torch.stack(list(losses.values())).sum()
     return losses
 
 
-def distillation_kl(ga, examples, contexts, prompts, answers, student: Tensor) -> Tensor:
-    """KL(teacher ‖ student) per answer token; the teacher sees the (truncated) context in its prompt."""
+def distillation_kl(ga, examples, contexts, answers, student: Tensor) -> Tensor:
+    """KL(teacher ‖ student) per answer token; the teacher sees the (truncated) context in its prompt.
+    `student`: (K, V) logits at the positions that predict the K answer tokens, row by row."""
     tok = ga.tokenizer
     teacher_prompts = []
     for ex, docs in zip(examples, contexts, strict=True):
         text = formats.with_context("\n\n".join(tok.decode(d) for d in docs), ex.prompt)
         teacher_prompts.append(tok(ga.format_prompt(text), add_special_tokens=False)["input_ids"])
-    t_ids, t_mask = ga.pad([p + a for p, a in zip(teacher_prompts, answers, strict=True)])
+    t_ids, t_mask, t_answer = prompt_answer_ids(ga, teacher_prompts, answers)
     with torch.no_grad():
-        teacher = adapted_logits(ga, t_ids, t_mask, None)
-    total, count = student.new_zeros(()), 0
-    for row, (sp, tp, a) in enumerate(zip(prompts, teacher_prompts, answers, strict=True)):
-        s_logp = student[row, len(sp) - 1 : len(sp) + len(a) - 1].log_softmax(-1)
-        t_logp = teacher[row, len(tp) - 1 : len(tp) + len(a) - 1].log_softmax(-1)
-        total = total + (t_logp.exp() * (t_logp - s_logp)).sum()
-        count += len(a)
-    return total / count
+        teacher = adapted_logits(ga, t_ids, t_mask, None, next_token_positions(t_answer))
+    # both (K, V), K = the answer tokens of all rows in the same order
+    t_logp, s_logp = teacher.log_softmax(-1), student.log_softmax(-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum() / len(t_logp)
