@@ -18,7 +18,7 @@ from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
 from genadapter.train.data import Example, instruction_examples, metaicl_train_tasks, split_wiki
 from genadapter.train.facts import OpenValues, fact_questions
-from genadapter.train.loop import TrainingError, train
+from genadapter.train.loop import TrainingError, build_adapter, train
 from genadapter.train.objectives import (
     AnswerBatch,
     adapted_logits,
@@ -345,6 +345,19 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_dirs, tmp_path, monkeypatc
             train(tiny_train_config(base, tmp_path / "bf16", bf16=True, steps=1))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_normalization_rank_continues_a_generator_at_another_rank(tiny_dirs, tmp_path):
+    base, gen = tiny_dirs
+    config = tiny_train_config(base, tmp_path / "out", init_generator=str(gen), normalization_rank=3)
+    ga = build_adapter(config, torch.device("cpu"))
+    assert ga.config.rank == 3 and ga.generator.export_rank() == 3
+    normalized = ga.generator.normalize(ga.absorb(TEXT_A, progress=False).sums)
+    assert all(int(torch.linalg.matrix_rank(s)) == 3 for s in normalized.values())
+    with pytest.raises(GenAdapterError, match="exceeds"):
+        build_adapter(tiny_train_config(base, tmp_path / "o", init_generator=str(gen), normalization_rank=99), "cpu")
+    with pytest.raises(GenAdapterError, match="init_generator"):
+        tiny_train_config(base, tmp_path / "o", normalization_rank=3)
 
 
 def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):

@@ -25,6 +25,14 @@ class TrainConfig:
         default_factory=lambda: GeneratorConfig(key_dim=96, value_dim=96, rank=96, chunk_size=128),
         metadata={"help": "Shape of a freshly initialised generator (ignored with init_generator)."},
     )
+    normalization_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Keep this many directions r in the SVD normalisation of init_generator (0 = its own r). No "
+            "parameter depends on r, so a trained generator can go on at another one: with r = R1 = R2 every "
+            "direction of a state, however weak, gets the same weight (model card, 'Stage 12')."
+        },
+    )
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=1, metadata={"help": "Sequences (pretrain) or examples (instruct) per step."})
     lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
@@ -93,6 +101,12 @@ class TrainConfig:
             raise GenAdapterError("max_minutes must be 0 (no time box) or positive")
         if not 0 <= self.open_fact_values <= 1:
             raise GenAdapterError("open_fact_values must be between 0 and 1")
+        if self.normalization_rank < 0:
+            raise GenAdapterError("normalization_rank must be 0 (the generator's own) or positive")
+        if self.normalization_rank and not self.init_generator:
+            raise GenAdapterError(
+                "normalization_rank changes r of init_generator; a fresh generator takes generator.rank"
+            )
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 
