@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import TEXT_A, make_adapter, tiny_config
@@ -59,11 +61,12 @@ def test_zero_state_gives_zero_adapter():
     assert torch.equal(out, torch.zeros(8, 8))
 
 
-def test_chunk_states_follow_the_per_module_formula():
-    """The fused per-layer path equals S = Σ_t K_tᵀ V_t with K = RMSNorm_γ(H) A2ᵀ, V = RMSNorm_γ(H) A3ᵀ, module by
-    module, padding excluded; gradients into γ, A2, A3 agree too."""
+@pytest.mark.parametrize("shift", [0, 1, 5])
+def test_chunk_states_follow_the_per_module_formula(shift):
+    """The fused per-layer path equals S = Σ_t K_tᵀ V_(t+shift) with K = RMSNorm_γ(H) A2ᵀ, V = RMSNorm_γ(H) A3ᵀ,
+    module by module, pairs within a chunk, padding excluded; gradients into γ, A2, A3 agree too."""
     torch.manual_seed(0)
-    ga = make_adapter(trained=False, target_modules=["o_proj", "down_proj"])
+    ga = make_adapter(trained=False, target_modules=["o_proj", "down_proj"], value_shift=shift)
     for p in ga.generator.parameters():
         p.data.normal_()
     ga.generator.requires_grad_(True)
@@ -79,7 +82,9 @@ def test_chunk_states_follow_the_per_module_formula():
         block, h = ga.generator.block(name), hidden[spec.layer]
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + ga.config.norm_eps) * block.gamma
         h = h * mask.unsqueeze(-1)
-        reference[name] = (h @ block.A2.T).transpose(-1, -2) @ (h @ block.A3.T)
+        keys, values = h @ block.A2.T, h @ block.A3.T  # (N, T, R)
+        pairs = [torch.einsum("nr,ns->nrs", keys[:, t], values[:, t + shift]) for t in range(h.shape[1] - shift)]
+        reference[name] = torch.stack(pairs).sum(0)
     grads_ref = torch.autograd.grad(sum(s.pow(2).sum() for s in reference.values()), params)
 
     assert list(fused) == list(reference)
@@ -87,6 +92,18 @@ def test_chunk_states_follow_the_per_module_formula():
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-4)
     for got, want in zip(grads_fused, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_value_shift_pairs_never_cross_chunks_and_keep_release_fingerprints():
+    """A chunk no longer than the shift has no pair (zero state); the shift changes the fingerprint, while the
+    default (a field added after release 5) leaves fingerprints as they were."""
+    ga = make_adapter(trained=False, chunk_size=2, value_shift=2)
+    hidden, mask = ga.encode_chunks(ga.chunk([ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:6]]))
+    assert all(torch.equal(s, torch.zeros_like(s)) for s in ga.generator.chunk_states(hidden, mask).values())
+    config = tiny_config()
+    assert "value_shift" not in config.identity() and replace(config, value_shift=1).identity()["value_shift"] == 1
+    shifted = make_adapter(value_shift=1)
+    assert shifted.generator.fingerprint() != make_adapter().generator.fingerprint()
 
 
 def test_generator_trains_on_short_chunks_without_nan():

@@ -347,17 +347,21 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tiny_dirs, tmp_path, monkeypatc
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_normalization_rank_continues_a_generator_at_another_rank(tiny_dirs, tmp_path):
+def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny_dirs, tmp_path):
     base, gen = tiny_dirs
-    config = tiny_train_config(base, tmp_path / "out", init_generator=str(gen), normalization_rank=3)
+    overrides = {"rank": 3, "value_shift": 1}
+    config = tiny_train_config(base, tmp_path / "out", init_generator=str(gen), generator_overrides=overrides)
     ga = build_adapter(config, torch.device("cpu"))
-    assert ga.config.rank == 3 and ga.generator.export_rank() == 3
+    assert ga.config.rank == 3 and ga.generator.export_rank() == 3 and ga.config.value_shift == 1
     normalized = ga.generator.normalize(ga.absorb(TEXT_A, progress=False).sums)
     assert all(int(torch.linalg.matrix_rank(s)) == 3 for s in normalized.values())
     with pytest.raises(GenAdapterError, match="exceeds"):
-        build_adapter(tiny_train_config(base, tmp_path / "o", init_generator=str(gen), normalization_rank=99), "cpu")
+        bad = tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"rank": 99})
+        build_adapter(bad, "cpu")
+    with pytest.raises(GenAdapterError, match="may change only"):
+        tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"key_dim": 8})
     with pytest.raises(GenAdapterError, match="init_generator"):
-        tiny_train_config(base, tmp_path / "o", normalization_rank=3)
+        tiny_train_config(base, tmp_path / "o", generator_overrides={"rank": 3})
 
 
 def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):

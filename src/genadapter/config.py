@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
+_LATER_FIELDS = {"value_shift": 0}  # field -> default, for fields added after release 5
 
 
 @dataclass
@@ -28,6 +29,14 @@ class GeneratorConfig:
         default="svd",
         metadata={"help": "'svd': S~ = U_r V_r^T (paper); 'frobenius': S / ||S||_F (ablation)."},
     )
+    value_shift: int = field(
+        default=0,
+        metadata={
+            "help": "Pair each key with the value of the token this many positions later in its chunk: 0 (the paper) "
+            "pairs a token with itself, 1 pairs 'the context up to here' with 'the token that came next', the "
+            "association an induction head copies with. Chunks stay independent, so states still add up."
+        },
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the per-module RMSNorm on H."})
     base_model: str = field(
         default="smollm2-135m-instruct",
@@ -44,6 +53,8 @@ class GeneratorConfig:
             raise GenAdapterError(
                 f"rank {self.rank} exceeds min(key_dim, value_dim) = {min(self.key_dim, self.value_dim)}"
             )
+        if self.value_shift < 0:
+            raise GenAdapterError(f"value_shift must be 0 or positive, got {self.value_shift}")
         if self.normalization not in NORMALIZATIONS:
             raise GenAdapterError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 
@@ -53,6 +64,11 @@ class GeneratorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self) -> dict:
+        """to_dict without fields added after a release that still hold their default: what fingerprints hash, so
+        a shipped generator keeps its fingerprint (and the states saved with it stay loadable)."""
+        return {k: v for k, v in self.to_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, data: dict) -> GeneratorConfig:

@@ -1,7 +1,7 @@
 """The adapter generator G (DESIGN §1): frozen hidden states -> state S -> normalised S~ -> ΔW.
 
 For an adapted linear y = W x in decoder layer l, with H the hidden states entering layer l:
-    Ĥ = RMSNorm_γ(H);  K = Ĥ A2ᵀ (M×R1);  V = Ĥ A3ᵀ (M×R2);  S = Σ_tokens Kᵀ V (R1×R2)
+    Ĥ = RMSNorm_γ(H);  K = Ĥ A2ᵀ (M×R1);  V = Ĥ A3ᵀ (M×R2);  S = Σ_t K_tᵀ V_(t+shift) (R1×R2), t within a chunk
     S~ = U_r V_rᵀ (SVD, singular values set to 1)  or  S / ||S||_F
     ΔW = (α / R2) · B S~ᵀ A1   (d_out×d_in), B zero-initialised.
 """
@@ -218,11 +218,12 @@ class AdapterGenerator(nn.Module):
         return list(self.targets)
 
     def chunk_states(self, hidden_states: Sequence[Tensor], mask: Tensor) -> dict[str, Tensor]:
-        """Per-chunk states S = Σ_t K_tᵀ V_t of every module: hidden_states[l] (N, T, d) enters layer l.
+        """Per-chunk states S = Σ_t K_tᵀ V_(t+s) of every module (s = value_shift): hidden_states[l] (N, T, d)
+        enters layer l. Padding rows are zero, so pairs that reach into the padding add nothing.
 
         Modules of one layer share one RMS normalisation of its hidden states and one projection onto all
         their keys and values: fewer, larger matmuls, and γ folded into the weights (see key_value_weight)."""
-        r1, r2 = self.config.key_dim, self.config.value_dim
+        r1, r2, shift = self.config.key_dim, self.config.value_dim, self.config.value_shift
         out = {}
         with torch.autocast(mask.device.type, enabled=False):  # states are sums: keep them fp32
             for layer, names in self.modules_by_layer.items():
@@ -231,7 +232,8 @@ class AdapterGenerator(nn.Module):
                 weight = torch.cat([self.block(name).key_value_weight() for name in names])
                 projected = (h @ weight.T).split(r1 + r2, dim=-1)  # per module (N, T, R1 + R2)
                 for name, kv in zip(names, projected, strict=True):
-                    out[name] = kv[..., :r1].transpose(-1, -2) @ kv[..., r1:]  # (N, R1, R2)
+                    keys, values = kv[..., : max(kv.shape[-2] - shift, 0), :r1], kv[..., shift:, r1:]
+                    out[name] = keys.transpose(-1, -2) @ values  # (N, R1, R2)
         return {name: out[name] for name in self.targets}
 
     def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -249,7 +251,7 @@ class AdapterGenerator(nn.Module):
 
     def fingerprint(self) -> str:
         """Content hash of config + weights: states made by one generator only combine with its own."""
-        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps(self.config.identity(), sort_keys=True).encode())
         for key, tensor in sorted(self.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())

@@ -11,6 +11,7 @@ from ..errors import GenAdapterError
 
 RECIPES = ("pretrain", "instruct")
 OBJECTIVES = ("answer", "distill", "mix")
+OVERRIDABLE = ("rank", "value_shift")  # generator config fields a trained generator can go on with changed
 
 
 @dataclass
@@ -25,12 +26,12 @@ class TrainConfig:
         default_factory=lambda: GeneratorConfig(key_dim=96, value_dim=96, rank=96, chunk_size=128),
         metadata={"help": "Shape of a freshly initialised generator (ignored with init_generator)."},
     )
-    normalization_rank: int = field(
-        default=0,
+    generator_overrides: dict[str, int] = field(
+        default_factory=dict,
         metadata={
-            "help": "Keep this many directions r in the SVD normalisation of init_generator (0 = its own r). No "
-            "parameter depends on r, so a trained generator can go on at another one: with r = R1 = R2 every "
-            "direction of a state, however weak, gets the same weight (model card, 'Stage 12')."
+            "help": "Continue init_generator with these fields of its config changed; only fields no parameter's shape "
+            f"depends on: {sorted(OVERRIDABLE)}. E.g. {{'rank': 32}}: with r = R1 = R2 every direction of a state, "
+            "however weak, gets the same weight (model card, 'Stage 12')."
         },
     )
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
@@ -101,12 +102,12 @@ class TrainConfig:
             raise GenAdapterError("max_minutes must be 0 (no time box) or positive")
         if not 0 <= self.open_fact_values <= 1:
             raise GenAdapterError("open_fact_values must be between 0 and 1")
-        if self.normalization_rank < 0:
-            raise GenAdapterError("normalization_rank must be 0 (the generator's own) or positive")
-        if self.normalization_rank and not self.init_generator:
+        if set(self.generator_overrides) - set(OVERRIDABLE):
             raise GenAdapterError(
-                "normalization_rank changes r of init_generator; a fresh generator takes generator.rank"
+                f"generator_overrides may change only {list(OVERRIDABLE)}, got {sorted(self.generator_overrides)}"
             )
+        if self.generator_overrides and not self.init_generator:
+            raise GenAdapterError("generator_overrides change init_generator; a fresh generator takes `generator`")
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

@@ -72,8 +72,7 @@ def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapte
     base_name, model, tokenizer = load_base(config.base, device=str(device))
     if config.init_generator:
         generator = AdapterGenerator.load(config.init_generator, model)
-        if config.normalization_rank:
-            generator.config = replace(generator.config, rank=config.normalization_rank)  # validates r <= R
+        generator.config = replace(generator.config, **config.generator_overrides)  # validates the values
     else:
         config.generator.base_model = base_name
         generator = AdapterGenerator.for_model(model, config.generator)
