@@ -106,6 +106,8 @@ class TrainConfig:
             raise GenAdapterError(
                 f"generator_overrides may change only {list(OVERRIDABLE)}, got {sorted(self.generator_overrides)}"
             )
+        if not all(type(value) is int for value in self.generator_overrides.values()):
+            raise GenAdapterError(f"generator_overrides take whole numbers, got {self.generator_overrides}")
         if self.generator_overrides and not self.init_generator:
             raise GenAdapterError("generator_overrides change init_generator; a fresh generator takes `generator`")
         if self.num_chunks < 2:
