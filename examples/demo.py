@@ -81,21 +81,20 @@ def main() -> None:
         "+ document's adapter": (prompts, [state] * len(prompts)),
         "+ unrelated adapter": (prompts, [control] * len(prompts)),
     }
-    answers = {
-        column: ga.generate(texts, state=states, max_new_tokens=args.max_new_tokens)
-        for column, (texts, states) in setups.items()
-    }
     with_expected = all(expected)
-    logprobs = {
-        column: sum(ga.score(texts, expected, state=states)) if with_expected else 0.0
-        for column, (texts, states) in setups.items()
-    }
+    answers, logprobs = {}, {}  # column -> answers; column -> summed log-probability of the expected answers
+
+    def answer(column: str, texts: list[str], states: list | None) -> None:
+        answers[column] = ga.generate(texts, state=states, max_new_tokens=args.max_new_tokens)
+        if with_expected:
+            logprobs[column] = sum(ga.score(texts, expected, state=states))
+
+    for column, (texts, states) in setups.items():
+        answer(column, texts, states)
     if args.finetune_steps > 0:
-        column = f"+ LoRA fine-tuned on it ({args.finetune_steps} steps)"
         started = time.perf_counter()
         with fine_tuned(ga, document, args.finetune_steps):
-            answers[column] = ga.generate(prompts, max_new_tokens=args.max_new_tokens)
-            logprobs[column] = sum(ga.score(prompts, expected)) if with_expected else 0.0
+            answer(f"+ LoRA fine-tuned on it ({args.finetune_steps} steps)", prompts, None)
         console.print(f"fine-tuned the reference LoRA and answered in {time.perf_counter() - started:.1f}s")
 
     table = Table(title=f"Questions about {args.document.name}", show_lines=True)
