@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig  # noqa: E402
 from genadapter.models import load_base  # noqa: E402
 from genadapter.train import TrainConfig  # noqa: E402
-from genadapter.train.objectives import pretrain_losses  # noqa: E402
+from genadapter.train.objectives import linear_cross_entropy, next_token_positions, pretrain_losses  # noqa: E402
 
 
 def main() -> None:
@@ -56,9 +56,11 @@ def main() -> None:
         ga.encode_chunks(chunks)
         targets = chunks[1:] + chunks  # completion (n-1) + reconstruction (n) targets, as in the generator step
         ids, mask = ga.pad(targets)
+        keep = next_token_positions(mask)  # the positions the generator step scores, with the same loss code
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[keep]
+        head = model.get_output_embeddings().weight
+        linear_cross_entropy(hidden, head, ids[:, 1:][keep[:, :-1]]).mean().backward()
 
     for step in (generator_step, baseline_step):  # warm-up
         step()

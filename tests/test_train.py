@@ -24,8 +24,10 @@ from genadapter.train.objectives import (
     adapted_logits,
     context_states,
     instruct_losses,
+    linear_cross_entropy,
+    plain_lm_head,
     pretrain_losses,
-    row_nll,
+    target_nll,
 )
 
 
@@ -61,6 +63,64 @@ def test_pretrain_losses_use_prefix_states():
     assert not torch.isclose(with_adapter["completion"], without["completion"])
 
 
+def _row_nll_from_all_logits(full, ids, target_mask):
+    """Mean NLL of each row's target tokens, token by token from the logits of every position."""
+    logp = full.log_softmax(-1)
+    rows = []
+    for row in range(len(ids)):
+        positions = [t for t in range(1, ids.shape[1]) if target_mask[row, t]]
+        rows.append(torch.stack([-logp[row, t - 1, ids[row, t]] for t in positions]).mean())
+    return torch.stack(rows)
+
+
+def test_target_nll_scores_each_rows_targets_from_the_kept_positions_only():
+    """Rows of different lengths (padding) and a target mask with gaps: the per-row NLL from the kept positions
+    equals the one from the logits of every position, with or without forming the logits, and so do the
+    generator's gradients."""
+    ga = make_adapter()
+    tok = ga.tokenizer
+    ids, mask = ga.pad([tok(t, add_special_tokens=False)["input_ids"][:n] for t, n in ((TEXT_A, 20), (TEXT_B, 13))])
+    targets = mask.clone()
+    targets[0, 5:9] = 0
+    ga.generator.requires_grad_(True)
+    results = []
+    for with_logits in (False, True):
+        normalized = ga.generator.normalize(context_states(ga, [[ids[1, :13].tolist()], [ids[0].tolist()]]))
+        per_row, logits = target_nll(ga, ids, mask, targets, normalized, with_logits)
+        per_row.sum().backward()
+        results.append((per_row.detach(), {n: p.grad.clone() for n, p in ga.generator.named_parameters()}))
+        ga.generator.zero_grad(set_to_none=True)
+    full = adapted_logits(ga, ids, mask, normalized)
+    torch.testing.assert_close(results[0][0], _row_nll_from_all_logits(full, ids, targets).detach())
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
+    assert logits.shape == (int(targets[:, 1:].sum()), full.shape[-1])
+
+
+def test_linear_cross_entropy_matches_the_logits_path_in_value_and_gradient():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(10, 6, dtype=torch.float64), torch.randn(17, 6, dtype=torch.float64)
+    targets = torch.randint(0, 17, (10,))
+    upstream = torch.rand(10, dtype=torch.float64)  # a weighted sum, as the per-row means make it
+    fused_in, plain_in = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    fused = linear_cross_entropy(fused_in, weight, targets, chunk=3)  # 3 full chunks and a partial one
+    plain = torch.nn.functional.cross_entropy(plain_in @ weight.T, targets, reduction="none")
+    (fused * upstream).sum().backward()
+    (plain * upstream).sum().backward()
+    torch.testing.assert_close(fused, plain.detach())
+    torch.testing.assert_close(fused_in.grad, plain_in.grad)
+    with pytest.raises(ValueError, match="frozen"):
+        linear_cross_entropy(hidden, weight.requires_grad_(True), targets)
+
+
+def test_a_scaled_or_capped_lm_head_keeps_the_logits_path(monkeypatch):
+    ga = make_adapter()
+    assert plain_lm_head(ga.model)
+    monkeypatch.setattr(ga.model.config, "final_logit_softcapping", 30.0, raising=False)
+    assert not plain_lm_head(ga.model)
+
+
 def test_instruct_losses_on_answer_logits_equal_those_on_all_logits():
     """The answer NLL and the distillation KL project only answer positions onto the vocabulary; they must
     equal the same losses taken from the logits of every position."""
@@ -69,8 +129,8 @@ def test_instruct_losses_on_answer_logits_equal_those_on_all_logits():
     batch = AnswerBatch.build(ga, examples, 64)
     normalized = ga.generator.normalize(context_states(ga, batch.contexts))
     full = adapted_logits(ga, batch.ids, batch.mask, normalized)
-    nll, logits = batch.answer_nll(ga, normalized)
-    torch.testing.assert_close(nll, row_nll(full, batch.ids, batch.answer_mask).mean())
+    nll, logits = batch.answer_nll(ga, normalized, with_logits=True)
+    torch.testing.assert_close(nll, _row_nll_from_all_logits(full, batch.ids, batch.answer_mask).mean())
     assert logits.shape == (int(batch.answer_mask.sum()), full.shape[-1])
 
     # the KL as the loop over rows of full teacher and student logits computed it

@@ -56,13 +56,82 @@ def next_token_positions(target_mask: Tensor) -> Tensor:
     return keep
 
 
-def row_nll(logits: Tensor, ids: Tensor, target_mask: Tensor) -> Tensor:
-    """Mean next-token NLL per row over positions where target_mask (of the predicted token) is 1: (N,)."""
-    # (N·(T-1), V) rows keep the vocabulary contiguous: a transposed (N, V, T-1) input makes the softmax
-    # and its backward several times slower on CPU
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
-    weights = target_mask[:, 1:].float()
-    return (nll * weights).sum(1) / weights.sum(1).clamp_min(1)
+class _LinearCrossEntropy(torch.autograd.Function):
+    """NLL of `targets` (K,) under softmax(hidden (K, d) @ weightᵀ (d, V)), `chunk` rows at a time, so the (K, V)
+    logits never exist at once: for one pretraining sequence of SmolLM2 (889 positions × 49,152 tokens) they are
+    175 MB, and the logits, their log-softmax, the zero-filled NLL gradient and the log-softmax gradient were each
+    such a block, freshly page-faulted on every step. The gradient w.r.t. hidden, (softmax − onehot) · weight per
+    row, is formed in the forward pass and scaled by the incoming per-row gradient in backward; the weight (the
+    frozen LM head) gets none."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            dtype = torch.promote_types(hidden.dtype, torch.float32)  # half precision never reaches the softmax
+            h, w = hidden.to(dtype), weight.to(dtype)
+            nll = h.new_empty(len(h))
+            grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            for start in range(0, len(h), chunk):
+                rows = slice(start, start + chunk)
+                logits = h[rows] @ w.T  # (c, V)
+                lse = logits.logsumexp(-1)
+                picked = targets[rows].unsqueeze(1)
+                nll[rows] = lse - logits.gather(1, picked).squeeze(1)
+                if grad is not None:
+                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                    probs.scatter_add_(1, picked, probs.new_full(picked.shape, -1.0))
+                    grad[rows] = probs @ w
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor) -> tuple[Tensor, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_nll.unsqueeze(1)).to(ctx.hidden_dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int = 128) -> Tensor:
+    """Per-row NLL (K,) of `targets` under the vocabulary projection `weight` (V, d) of `hidden` (K, d), with a
+    gradient for `hidden` only (see _LinearCrossEntropy). 128 rows of SmolLM2's vocabulary are 25 MB."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy gives no gradient to the vocabulary projection; it must be frozen")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def plain_lm_head(model) -> bool:
+    """Whether the LM's logits are exactly hidden @ lm_headᵀ (no bias, scale or soft-capping), so that the loss
+    can be taken from the hidden states with linear_cross_entropy."""
+    head, text = model.get_output_embeddings(), model.config.get_text_config()
+    scaled = any(getattr(text, key, None) not in (None, 1.0) for key in ("final_logit_softcapping", "logit_scale"))
+    return isinstance(head, torch.nn.Linear) and head.bias is None and not scaled
+
+
+def target_nll(
+    ga: GenerativeAdapter,
+    ids: Tensor,
+    mask: Tensor,
+    target_mask: Tensor,
+    normalized: dict[str, Tensor] | None,
+    with_logits: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Mean next-token NLL per row over its target tokens (target_mask (N, T) is 1 on them): (N,); with
+    `with_logits`, also the logits (K, V) at the K positions that predict a target token, row by row (what
+    distillation needs). Only those positions reach the vocabulary projection; without `with_logits` (and with a
+    plain LM head) through linear_cross_entropy, so no (K, V) block is formed at all."""
+    keep = next_token_positions(target_mask)
+    targets = ids[:, 1:][keep[:, :-1]]
+    logits = None
+    if with_logits or not plain_lm_head(ga.model):
+        logits = adapted_logits(ga, ids, mask, normalized, keep)
+        nll = F.cross_entropy(logits, targets, reduction="none")
+    else:
+        with ga.injector.activate(normalized):
+            hidden = ga.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
+        nll = linear_cross_entropy(hidden, ga.model.get_output_embeddings().weight, targets)
+    counts = keep.sum(1)
+    per_row = nll.new_zeros(len(counts)).index_add(0, keep.nonzero()[:, 0], nll) / counts.clamp_min(1)
+    return per_row, logits if with_logits else None
 
 
 def pretrain_losses(
@@ -107,7 +176,7 @@ def pretrain_losses(
         tasks += ["reconstruction"] * (batch * n)
     rows = {k: torch.cat([s[k].reshape(-1, *s[k].shape[2:]) for s in states]) for k in prefix} if prefix else None
     ids, mask = ga.pad(targets)
-    nll = row_nll(adapted_logits(ga, ids, mask, rows), ids, mask)
+    nll, _ = target_nll(ga, ids, mask, mask, rows)
     task_t = np.array(tasks)
     losses = {
         task: nll[torch.from_numpy(task_t == task)].mean() for task in ("completion", "reconstruction") if task in tasks
@@ -158,15 +227,13 @@ class AnswerBatch:
         prompts = [tok(ga.format_prompt(ex.prompt), add_special_tokens=False)["input_ids"] for ex in examples]
         return cls(contexts, answers, *prompt_answer_ids(ga, prompts, answers))
 
-    def answer_nll(self, ga: GenerativeAdapter, normalized: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """(mean over rows of the mean answer-token NLL, logits (K, V) at the K positions that predict an answer
-        token, row by row) of the LM with one normalised state per row, or of the bare LM (None)."""
-        keep = next_token_positions(self.answer_mask)
-        logits = adapted_logits(ga, self.ids, self.mask, normalized, keep)
-        nll = F.cross_entropy(logits, self.ids[:, 1:][keep[:, :-1]], reduction="none")
-        rows = keep.nonzero()[:, 0]
-        counts = keep.sum(1)
-        per_row = nll.new_zeros(len(counts)).index_add(0, rows, nll) / counts.clamp_min(1)
+    def answer_nll(
+        self, ga: GenerativeAdapter, normalized: dict[str, Tensor] | None, with_logits: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """(mean over rows of the mean answer-token NLL, and with `with_logits` the logits (K, V) at the K positions
+        that predict an answer token, row by row) of the LM with one normalised state per row, or of the bare LM
+        (None)."""
+        per_row, logits = target_nll(ga, self.ids, self.mask, self.answer_mask, normalized, with_logits)
         return per_row.mean(), logits
 
 
@@ -178,7 +245,7 @@ def instruct_losses(
     bare LM (the closed-book reference)."""
     batch = AnswerBatch.build(ga, examples, config.max_context_tokens)
     normalized = ga.generator.normalize(context_states(ga, batch.contexts)) if with_adapter else None
-    answer, student = batch.answer_nll(ga, normalized)
+    answer, student = batch.answer_nll(ga, normalized, with_logits=config.objective in ("distill", "mix"))
     losses = {}
     if config.objective in ("answer", "mix"):
         losses["answer"] = answer
