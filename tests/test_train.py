@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import TEXT_A, TEXT_B, make_adapter, tiny_config
 
 from genadapter import formats
@@ -18,7 +19,7 @@ from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
 from genadapter.train.data import Example, instruction_examples, metaicl_train_tasks, split_wiki
 from genadapter.train.facts import OpenValues, fact_questions
-from genadapter.train.loop import TrainingError, build_adapter, train
+from genadapter.train.loop import GeneratorTrainer, TrainingError, build_adapter, forward_backward, train
 from genadapter.train.objectives import (
     AnswerBatch,
     adapted_logits,
@@ -135,7 +136,7 @@ def test_instruct_losses_on_answer_logits_equal_those_on_all_logits():
 
     # the KL as the loop over rows of full teacher and student logits computed it
     tok = ga.tokenizer
-    total, count = 0.0, 0
+    per_row = []
     for row, (ex, answer) in enumerate(zip(examples, batch.answers, strict=True)):
         context = "\n\n".join(tok.decode(doc) for doc in batch.contexts[row])
         teacher_prompt = tok(ga.format_prompt(formats.with_context(context, ex.prompt)), add_special_tokens=False)
@@ -143,11 +144,10 @@ def test_instruct_losses_on_answer_logits_equal_those_on_all_logits():
         t_logp = adapted_logits(ga, t_ids, torch.ones_like(t_ids), None)[0, -len(answer) - 1 : -1].log_softmax(-1)
         start = int(batch.answer_mask[row].nonzero()[0]) - 1
         s_logp = full[row, start : start + len(answer)].log_softmax(-1)
-        total += (t_logp.exp() * (t_logp - s_logp)).sum()
-        count += len(answer)
+        per_row.append((t_logp.exp() * (t_logp - s_logp)).sum() / len(answer))
     config = tiny_train_config("x", "y", recipe="instruct", objective="mix", max_context_tokens=64)
     losses = instruct_losses(ga, examples, config)
-    torch.testing.assert_close(losses["distill"], total / count)
+    torch.testing.assert_close(losses["distill"], torch.stack(per_row).mean())
     torch.testing.assert_close(losses["answer"], nll)
 
 
@@ -163,6 +163,39 @@ def test_other_context_control_changes_only_the_adapter_source():
     assert not torch.isclose(default["completion"], swapped["completion"])
     with pytest.raises(ValueError, match="adapter sequences"):
         pretrain_losses(ga, [own], config, np.random.default_rng(0), adapter_sequences=[other[:10]])
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "instruct"])
+def test_micro_batches_give_the_whole_batchs_losses_and_gradients(kind):
+    ga = make_adapter()
+    tok = ga.tokenizer
+    config = tiny_train_config("x", "y", recipe="instruct", objective="mix", num_chunks=3, max_context_tokens=64)
+    if kind == "pretrain":
+        ids = tok(TEXT_A + " " + TEXT_B, add_special_tokens=False)["input_ids"]
+        batch = [ids[start : start + 48] for start in (0, 20, 40)]
+    else:
+        batch = [
+            Example([TEXT_A], "Where is the tower?", "in Paris", "t"),
+            Example([TEXT_B], "Who?", "Marie Curie", "t"),
+            Example([TEXT_B, TEXT_A], "What did she win?", "two Nobel prizes", "t"),
+        ]
+    trainer, accelerator = GeneratorTrainer(ga, config), Accelerator(cpu=True)
+    results = []
+    for micro_batch_size in (0, 2, 1):
+        losses = forward_backward(accelerator, trainer, kind, batch, np.random.default_rng(0), micro_batch_size)
+        results.append((losses, {n: p.grad.clone() for n, p in ga.generator.named_parameters()}))
+        ga.generator.zero_grad(set_to_none=True)
+    (whole, whole_grads), *micro = results
+    assert set(whole) == (
+        {"completion", "reconstruction", "loss"} if kind == "pretrain" else {"answer", "distill", "loss"}
+    )
+    for losses, grads in micro:
+        for key in whole:
+            torch.testing.assert_close(losses[key], whole[key])
+        for name in whole_grads:
+            torch.testing.assert_close(grads[name], whole_grads[name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(GenAdapterError, match="micro_batch_size"):
+        tiny_train_config("x", "y", micro_batch_size=-1)
 
 
 def test_test_tasks_never_reach_training_data():

@@ -36,6 +36,13 @@ class TrainConfig:
     )
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=1, metadata={"help": "Sequences (pretrain) or examples (instruct) per step."})
+    micro_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Run each step's batch through forward+backward this many at a time (0 = all at once); the "
+            "gradients are the same, the peak memory lower."
+        },
+    )
     lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = field(default=50, metadata={"help": "Linear warm-up before cosine decay to 10%."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -110,6 +117,8 @@ class TrainConfig:
             raise GenAdapterError(f"generator_overrides take whole numbers, got {self.generator_overrides}")
         if self.generator_overrides and not self.init_generator:
             raise GenAdapterError("generator_overrides change init_generator; a fresh generator takes `generator`")
+        if self.batch_size < 1 or self.micro_batch_size < 0:
+            raise GenAdapterError("batch_size must be at least 1 and micro_batch_size 0 (off) or positive")
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

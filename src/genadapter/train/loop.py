@@ -9,6 +9,7 @@ import os
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,6 +181,32 @@ def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
     return "instruct", [examples[i] for i in picks], rng
 
 
+def forward_backward(
+    accelerator: Accelerator,
+    trainer: nn.Module,
+    kind: str,
+    batch: list,
+    rng: np.random.Generator,
+    micro_batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Losses (detached) and gradients of one step's batch, run `micro_batch_size` items at a time (0 = all at
+    once). Every loss is a mean over the batch's items, so micro-batch losses weighted by their share of the batch
+    sum to the whole batch's loss and their gradients to its gradient, at a fraction of the activation memory (a
+    pretraining step at batch 8 peaked at 16.6 GiB in one piece). DDP syncs gradients on the last micro-batch only."""
+    size = micro_batch_size or len(batch)
+    parts = [batch[start : start + size] for start in range(0, len(batch), size)]
+    total: dict[str, torch.Tensor] = {}
+    for index, part in enumerate(parts):
+        weight = len(part) / len(batch)
+        with nullcontext() if index == len(parts) - 1 else accelerator.no_sync(trainer):
+            with accelerator.autocast():
+                losses = trainer(kind, part, rng)
+            accelerator.backward(weight * losses["loss"])
+        for key, value in losses.items():
+            total[key] = total.get(key, 0.0) + weight * value.detach()
+    return total
+
+
 def _save_checkpoint(path: Path, generator, optimizer, step: int, elapsed_s: float, config: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -269,15 +296,13 @@ def train(config: TrainConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, step, elapsed_s())
         kind, batch, rng = _batch(config, step, accelerator.process_index, stream, examples)
-        with accelerator.autocast():
-            losses = trainer(kind, batch, rng)
+        losses = forward_backward(accelerator, trainer, kind, batch, rng, config.micro_batch_size)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss.item()} at step {step}; the last checkpoint ({checkpoint}) is intact — "
                 "lower lr or grad_clip and resume"
             )
-        accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(ga.generator.parameters(), config.grad_clip)
         if not torch.isfinite(grad_norm):
             raise TrainingError(

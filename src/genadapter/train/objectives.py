@@ -256,7 +256,8 @@ def instruct_losses(
 
 
 def distillation_kl(ga, examples, contexts, answers, student: Tensor) -> Tensor:
-    """KL(teacher ‖ student) per answer token; the teacher sees the (truncated) context in its prompt.
+    """KL(teacher ‖ student) per answer token, averaged per row and then over rows (like the answer NLL, so
+    micro-batches add up to the batch); the teacher sees the (truncated) context in its prompt.
     `student`: (K, V) logits at the positions that predict the K answer tokens, row by row."""
     tok = ga.tokenizer
     teacher_prompts = []
@@ -268,4 +269,7 @@ def distillation_kl(ga, examples, contexts, answers, student: Tensor) -> Tensor:
         teacher = adapted_logits(ga, t_ids, t_mask, None, next_token_positions(t_answer))
     # both (K, V), K = the answer tokens of all rows in the same order
     t_logp, s_logp = teacher.log_softmax(-1), student.log_softmax(-1)
-    return (t_logp.exp() * (t_logp - s_logp)).sum() / len(t_logp)
+    per_token = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (K,)
+    lengths = torch.tensor([len(a) for a in answers], device=per_token.device)
+    rows = torch.repeat_interleave(torch.arange(len(answers), device=per_token.device), lengths)
+    return (per_token.new_zeros(len(answers)).index_add(0, rows, per_token) / lengths).mean()
