@@ -191,8 +191,9 @@ def forward_backward(
 ) -> dict[str, torch.Tensor]:
     """Losses (detached) and gradients of one step's batch, run `micro_batch_size` items at a time (0 = all at
     once). Every loss is a mean over the batch's items, so micro-batch losses weighted by their share of the batch
-    sum to the whole batch's loss and their gradients to its gradient, at a fraction of the activation memory (a
-    pretraining step at batch 8 peaked at 16.6 GiB in one piece). DDP syncs gradients on the last micro-batch only."""
+    sum to the whole batch's loss and their gradients to its gradient, at a fraction of the activation memory (one
+    pretraining step at batch 8: +12.4 GiB in one piece, +2.5 GiB one sequence at a time; bench/micro_batch.py).
+    DDP syncs gradients on the last micro-batch only."""
     size = micro_batch_size or len(batch)
     parts = [batch[start : start + size] for start in range(0, len(batch), size)]
     total: dict[str, torch.Tensor] = {}
