@@ -198,6 +198,28 @@ def test_micro_batches_give_the_whole_batchs_losses_and_gradients(kind):
         tiny_train_config("x", "y", micro_batch_size=-1)
 
 
+def test_contrastive_term_compares_own_and_next_sequences_adapters_on_the_same_targets():
+    ga = make_adapter()
+    ids = ga.tokenizer(TEXT_A + " " + TEXT_B, add_special_tokens=False)["input_ids"]
+    pair = [ids[:48], ids[48:96]]
+    plain = tiny_train_config("x", "y", num_chunks=3)
+    config = tiny_train_config("x", "y", num_chunks=3, contrast_weight=0.5, contrast_margin=100.0)
+    own = pretrain_losses(ga, pair, plain, np.random.default_rng(0))
+    other = pretrain_losses(ga, pair, plain, np.random.default_rng(0), adapter_sequences=pair[::-1])
+    with_contrast = pretrain_losses(ga, pair, config, np.random.default_rng(0))
+
+    def all_rows(losses):  # 2 × 2 completion rows and 2 × 3 reconstruction rows
+        return (4 * losses["completion"] + 6 * losses["reconstruction"]) / 10
+
+    for task in ("completion", "reconstruction"):
+        torch.testing.assert_close(with_contrast[task], own[task])
+    # a margin far above every gap keeps the hinge linear: it is the margin minus the mean gap
+    torch.testing.assert_close(with_contrast["contrast"], 100.0 - (all_rows(other) - all_rows(own)))
+    torch.testing.assert_close(with_contrast["loss"], own["loss"] + 0.5 * with_contrast["contrast"])
+    with pytest.raises(ValueError, match="at least 2"):
+        pretrain_losses(ga, pair[:1], config, np.random.default_rng(0))
+
+
 def test_test_tasks_never_reach_training_data():
     test_tasks = set(
         json.loads((metaicl_train_tasks.__globals__["data_root"]() / "metaicl/hr_to_lr.json").read_text())["test"]

@@ -58,6 +58,15 @@ class TrainConfig:
     num_chunks: int = field(default=4, metadata={"help": "n: chunks per pretraining sequence."})
     reconstruction: bool = field(default=True, metadata={"help": "Use the reconstruction task."})
     completion: bool = field(default=True, metadata={"help": "Use the completion task."})
+    contrast_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Pretraining: weight of a hinge that asks each target to be read better with its own "
+            "sequence's adapter than with the next sequence's of the same (micro-)batch, by contrast_margin "
+            "nats per token (0 = off, the paper's losses)."
+        },
+    )
+    contrast_margin: float = field(default=0.1, metadata={"help": "Pretraining: the contrastive hinge's margin."})
     objective: str = field(
         default="answer", metadata={"help": "Instruct loss: 'answer' (gold NLL), 'distill' (KL to prompted LM), 'mix'."}
     )

@@ -162,26 +162,43 @@ def pretrain_losses(
         }
         prefix = {k: v.view(batch, n, *v.shape[1:]) for k, v in ga.generator.normalize(sums).items()}
     chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
-    targets, states, tasks = [], [], []
+    targets, tasks = [], []
     if config.completion:
         targets += [chunks[b * n + i] for b in range(batch) for i in range(1, n)]
-        states.append({k: v[:, :-1] for k, v in prefix.items()} if prefix else None)
         tasks += ["completion"] * (batch * (n - 1))
     if config.reconstruction:
         for b in range(batch):
             for i in range(n):
                 start = int(rng.integers(0, i * w + 1))
                 targets.append(sequences[b][start : start + w])
-        states.append(prefix)
         tasks += ["reconstruction"] * (batch * n)
-    rows = {k: torch.cat([s[k].reshape(-1, *s[k].shape[2:]) for s in states]) for k in prefix} if prefix else None
+
+    def per_target(states: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One state per target row, in the order of `targets`, from prefix states (batch, n, R1, R2)."""
+        parts = ([{k: v[:, :-1] for k, v in states.items()}] if config.completion else []) + (
+            [states] if config.reconstruction else []
+        )
+        return {k: torch.cat([part[k].reshape(-1, *part[k].shape[2:]) for part in parts]) for k in states}
+
     ids, mask = ga.pad(targets)
-    nll, _ = target_nll(ga, ids, mask, mask, rows)
+    contrast = bool(config.contrast_weight) and prefix is not None and adapter_sequences is None
+    if contrast:
+        if batch < 2:
+            raise ValueError("contrast_weight pairs each sequence with another of its (micro-)batch: need at least 2")
+        # the same targets also read with the adapter of the batch's next sequence: HeldOut's control, as a loss
+        own, other = per_target(prefix), per_target({k: v.roll(1, dims=0) for k, v in prefix.items()})
+        both = {k: torch.cat([own[k], other[k]]) for k in own}
+        nll, nll_other = target_nll(ga, ids.repeat(2, 1), mask.repeat(2, 1), mask.repeat(2, 1), both)[0].chunk(2)
+    else:
+        nll, _ = target_nll(ga, ids, mask, mask, per_target(prefix) if prefix else None)
     task_t = np.array(tasks)
     losses = {
         task: nll[torch.from_numpy(task_t == task)].mean() for task in ("completion", "reconstruction") if task in tasks
     }
     losses["loss"] = torch.stack(list(losses.values())).mean()
+    if contrast:
+        losses["contrast"] = torch.relu(config.contrast_margin - (nll_other - nll)).mean()
+        losses["loss"] = losses["loss"] + config.contrast_weight * losses["contrast"]
     return losses
 
 
