@@ -107,6 +107,12 @@ def plain_lm_head(model) -> bool:
     return isinstance(head, torch.nn.Linear) and head.bias is None and not scaled
 
 
+def row_means(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean per row (N,) of `values` (K,), given at the K True positions of the bool `keep` (N, T), row by row."""
+    counts = keep.sum(1)
+    return values.new_zeros(len(counts)).index_add(0, keep.nonzero()[:, 0], values) / counts.clamp_min(1)
+
+
 def target_nll(
     ga: GenerativeAdapter,
     ids: Tensor,
@@ -129,9 +135,7 @@ def target_nll(
         with ga.injector.activate(normalized):
             hidden = ga.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
         nll = linear_cross_entropy(hidden, ga.model.get_output_embeddings().weight, targets)
-    counts = keep.sum(1)
-    per_row = nll.new_zeros(len(counts)).index_add(0, keep.nonzero()[:, 0], nll) / counts.clamp_min(1)
-    return per_row, logits if with_logits else None
+    return row_means(nll, keep), logits if with_logits else None
 
 
 def pretrain_losses(
@@ -282,11 +286,9 @@ def distillation_kl(ga, examples, contexts, answers, student: Tensor) -> Tensor:
         text = formats.with_context("\n\n".join(tok.decode(d) for d in docs), ex.prompt)
         teacher_prompts.append(tok(ga.format_prompt(text), add_special_tokens=False)["input_ids"])
     t_ids, t_mask, t_answer = prompt_answer_ids(ga, teacher_prompts, answers)
+    t_keep = next_token_positions(t_answer)  # per row as many positions as the student's, in the same order
     with torch.no_grad():
-        teacher = adapted_logits(ga, t_ids, t_mask, None, next_token_positions(t_answer))
+        teacher = adapted_logits(ga, t_ids, t_mask, None, t_keep)
     # both (K, V), K = the answer tokens of all rows in the same order
     t_logp, s_logp = teacher.log_softmax(-1), student.log_softmax(-1)
-    per_token = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (K,)
-    lengths = torch.tensor([len(a) for a in answers], device=per_token.device)
-    rows = torch.repeat_interleave(torch.arange(len(answers), device=per_token.device), lengths)
-    return (per_token.new_zeros(len(answers)).index_add(0, rows, per_token) / lengths).mean()
+    return row_means((t_logp.exp() * (t_logp - s_logp)).sum(-1), t_keep).mean()
