@@ -71,9 +71,12 @@ def make_adapter(trained: bool = True, **config_overrides) -> GenerativeAdapter:
     return GenerativeAdapter(model, tokenizer, generator, "tiny")
 
 
-@pytest.fixture
-def ga() -> GenerativeAdapter:
-    return make_adapter()
+MEMORY = {"memory_layers": 1, "memory_keys": 8, "memory_scale": 2.0}  # next-token memory in the last tiny layer
+
+
+@pytest.fixture(params=[{}, MEMORY], ids=["generator", "with-memory"])
+def ga(request) -> GenerativeAdapter:
+    return make_adapter(**request.param)
 
 
 def save_tiny_dirs(directory) -> tuple:

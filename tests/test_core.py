@@ -85,7 +85,8 @@ def test_save_load_round_trip(ga, tmp_path):
     loaded = ContextState.load(tmp_path / "s.gas")
     assert loaded.allclose(state, rtol=0, atol=0)
     assert loaded.generator_fingerprint == state.generator_fingerprint
-    assert loaded.nbytes == state.nbytes == 4 * 2 * 2 * 8 * 8  # 2 layers x 2 modules x R1 x R2 fp32
+    memory = 4 * (32 * 8 + 8 * 8) if ga.generator.memory is not None else 0  # C (d_out, k) + G (k, k), one module
+    assert loaded.nbytes == state.nbytes == 4 * 2 * 2 * 8 * 8 + memory  # 2 layers x 2 modules x R1 x R2 fp32
 
 
 def test_states_of_other_generators_do_not_mix(ga):

@@ -3,20 +3,30 @@ import json
 
 import pytest
 import torch
-from conftest import TEXT_A, make_adapter
+from conftest import MEMORY, TEXT_A, make_adapter
 from peft import PeftModel
 
 from genadapter import GenerativeAdapter
 
 
-@pytest.mark.parametrize("normalization", ["svd", "frobenius"])
-def test_peft_export_gives_identical_logits(tmp_path, normalization):
-    ga = make_adapter(normalization=normalization, rank=6)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"normalization": "svd"},
+        {"normalization": "frobenius"},
+        {"normalization": "svd", **MEMORY},
+        {"normalization": "svd", **MEMORY, "memory_keys": 0},  # full-width keys: factors from an SVD
+    ],
+    ids=["svd", "frobenius", "with-memory", "with-full-memory"],
+)
+def test_peft_export_gives_identical_logits(tmp_path, overrides):
+    ga = make_adapter(rank=6, **overrides)
     state = ga.absorb(TEXT_A)
     ga.export_peft(state, tmp_path / "lora")
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["r"] == ga.generator.export_rank()
-    assert config["lora_alpha"] / config["r"] == pytest.approx(ga.config.alpha / ga.config.value_dim)
+    memory = ga.generator.memory.module_names if ga.generator.memory is not None else []
+    assert len(config["rank_pattern"]) == len(memory)
 
     peft_model = PeftModel.from_pretrained(copy.deepcopy(ga.model), tmp_path / "lora").eval()
     ids, mask = ga.pad([ga.tokenizer("Where is the tower? It is in")["input_ids"]])

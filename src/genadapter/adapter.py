@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from .errors import GenAdapterError, IncompatibleStateError
 from .fileio import PEFT_MARKER, write_dir_atomic
 from .generator import AdapterGenerator
 from .inject import AdapterInjector
+from .memory import memory_key
 from .models import EMBEDDED_MODEL, load_base
 from .state import ContextState
 
@@ -134,10 +136,24 @@ class GenerativeAdapter:
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states, mask
 
+    def recording_memory(
+        self, chunks: Sequence[Sequence[int]], sums: dict[str, Tensor], owner: Tensor | None = None
+    ) -> AbstractContextManager:
+        """While `encode_chunks(chunks)` runs inside, add the chunks' next-token memory sums to `sums` (all in one, or
+        chunk n into row owner[n]); does nothing when the generator has no memory."""
+        memory = self.generator.memory
+        if memory is None:
+            return nullcontext()
+        ids, mask = self.pad(chunks)
+        values = self.model.get_output_embeddings().weight[ids]  # (N, T, d): embeddings the next tokens map to
+        modules = dict(self.model.named_modules())
+        return memory.recording({name: modules[name] for name in memory.module_names}, values, mask, sums, owner)
+
     def empty_state(self) -> ContextState:
         r1, r2 = self.config.key_dim, self.config.value_dim
+        memory = self.generator.memory.empty_sums() if self.generator.memory is not None else {}
         return ContextState(
-            sums={name: torch.zeros(r1, r2) for name in self.generator.module_names},
+            sums={name: torch.zeros(r1, r2) for name in self.generator.module_names} | memory,
             num_tokens=0,
             base_model=self.base_name,
             generator_fingerprint=self.fingerprint,
@@ -157,7 +173,8 @@ class GenerativeAdapter:
         show = len(starts) > 1 if progress is None else progress
         for start in tqdm(starts, desc="absorbing", unit="batch", disable=not show):
             batch = chunks[start : start + batch_size]
-            hidden, mask = self.encode_chunks(batch)
+            with self.recording_memory(batch, state.sums):
+                hidden, mask = self.encode_chunks(batch)
             for name, per_chunk in self.generator.chunk_states(hidden, mask).items():
                 state.sums[name] += per_chunk.sum(0).cpu()
             state.num_tokens += sum(len(c) for c in batch)
@@ -173,11 +190,11 @@ class GenerativeAdapter:
             )
 
     def normalized(self, state: ContextState) -> dict[str, Tensor]:
-        """Normalised S~ per module, (R1, R2) each."""
+        """Normalised S~ per module, (R1, R2) each, plus the next-token memory maps when the generator has them."""
         self.check_state(state)
         sums = {k: v.to(self.device) for k, v in state.sums.items()}
         with torch.no_grad():
-            return self.generator.normalize(sums)
+            return self.generator.adapters(sums, state.num_tokens)
 
     def batch_adapters(self, states: StateArg, batch: int) -> dict[str, Tensor] | None:
         """Stack per-row normalised states to (N, R1, R2); None rows get no adapter (zeros)."""
@@ -187,11 +204,11 @@ class GenerativeAdapter:
             return {k: v.unsqueeze(0) for k, v in self.normalized(states).items()}
         if len(states) != batch:
             raise GenAdapterError(f"got {len(states)} states for {batch} prompts")
-        zeros = torch.zeros(self.config.key_dim, self.config.value_dim, device=self.device)
         rows = [self.normalized(s) if s is not None else None for s in states]
+        template = next((row for row in rows if row is not None), None) or self.normalized(self.empty_state())
         return {
-            name: torch.stack([row[name] if row is not None else zeros for row in rows])
-            for name in self.generator.module_names
+            key: torch.stack([row[key] if row is not None else torch.zeros_like(value) for row in rows])
+            for key, value in template.items()
         }
 
     @contextmanager
@@ -290,18 +307,27 @@ class GenerativeAdapter:
     # ---- export -------------------------------------------------------------------------------
 
     def export_peft(self, state: ContextState, directory: str | Path) -> None:
-        """Write the adapter as a standard PEFT LoRA directory (rank r, scaling α/R2)."""
+        """Write the adapter as a standard PEFT LoRA directory: rank r (scale folded into lora_B), and for modules
+        holding the next-token memory r + k, its factors stacked under the generator's (`rank_pattern`)."""
         from peft import LoraConfig
 
         rank, scale = self.generator.export_rank(), self.config.scale
-        weights = {}
-        for name, normalized in self.normalized(state).items():
-            lora_a, lora_b = self.generator.block(name).lora_factors(normalized, rank, scale)
+        adapters, weights, ranks = self.normalized(state), {}, {}
+        for name in self.generator.module_names:
+            lora_a, lora_b = self.generator.block(name).lora_factors(adapters[name], rank, scale)
+            lora_b = scale * lora_b
+            memory_map = adapters.get(memory_key(name, "map"))
+            if memory_map is not None:
+                memory_a, memory_b = self.generator.memory.lora_factors(name, memory_map)
+                lora_a, lora_b = torch.cat([lora_a, memory_a]), torch.cat([lora_b, memory_b], dim=1)
+                ranks[name] = lora_a.shape[0]
             weights[f"base_model.model.{name}.lora_A.weight"] = lora_a.contiguous().cpu()
             weights[f"base_model.model.{name}.lora_B.weight"] = lora_b.contiguous().cpu()
         lora_config = LoraConfig(
             r=rank,
-            lora_alpha=scale * rank,
+            lora_alpha=rank,  # scaling 1: the scale is in lora_B
+            rank_pattern={re.escape(name): r for name, r in ranks.items()},  # PEFT matches (.*\.)?(key)$
+            alpha_pattern={re.escape(name): r for name, r in ranks.items()},
             target_modules=list(self.config.target_modules),
             lora_dropout=0.0,
             bias="none",

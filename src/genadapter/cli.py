@@ -322,19 +322,28 @@ def info(
         return str(config.get(key, "?"))
 
     targets = config.get("target_modules") or []
+    adapted = [name for name in state.sums if ":memory_" not in name]
+    memory = len(state.sums) - len(adapted)
     rows = [
         ("file", str(state_file)),
         ("tokens", str(state.num_tokens)),
         ("bytes", str(state.nbytes)),
         ("generator", state.generator_fingerprint),
         ("base model", state.base_model),
-        ("target modules", f"{', '.join(map(str, targets)) or '?'} ({_plural(len(state.sums), 'adapted module')})"),
+        ("target modules", f"{', '.join(map(str, targets)) or '?'} ({_plural(len(adapted), 'adapted module')})"),
         ("R1 (key dim)", get("key_dim")),
         ("R2 (value dim)", get("value_dim")),
         ("r (rank)", get("rank")),
         ("alpha", get("alpha")),
         ("chunk size", get("chunk_size")),
         ("normalization", get("normalization")),
+        (
+            "next-token memory",
+            f"{get('memory_module')} in {_plural(memory // 2, 'layer')}, k = {get('memory_keys')}, "
+            f"eta = {get('memory_scale')}, lambda = {get('memory_ridge')}"
+            if memory
+            else "off",
+        ),
     ]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:

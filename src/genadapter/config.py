@@ -9,7 +9,14 @@ from pathlib import Path
 from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
-_LATER_FIELDS = {"value_shift": 0}  # field -> default, for fields added after release 5
+_LATER_FIELDS = {  # field -> default, for fields added after release 5
+    "value_shift": 0,
+    "memory_layers": 0,
+    "memory_module": "down_proj",
+    "memory_keys": 256,
+    "memory_scale": 8.0,
+    "memory_ridge": 0.1,
+}
 
 
 @dataclass
@@ -37,6 +44,24 @@ class GeneratorConfig:
             "association an induction head copies with. Chunks stay independent, so states still add up."
         },
     )
+    memory_layers: int = field(
+        default=0,
+        metadata={
+            "help": "Next-token memory (memory.py; not in the paper, not trained): write the context's next-token "
+            "associations in closed form into `memory_module` of the last this many layers; 0 turns it off."
+        },
+    )
+    memory_module: str = field(
+        default="down_proj", metadata={"help": "Suffix of the module that holds the memory; one of target_modules."}
+    )
+    memory_keys: int = field(
+        default=256,
+        metadata={"help": "Width k of the memory keys P x (P fixed random); 0 keys on the full module input."},
+    )
+    memory_scale: float = field(default=8.0, metadata={"help": "eta: strength of the memory update."})
+    memory_ridge: float = field(
+        default=0.1, metadata={"help": "lambda: ridge term of the memory solve, relative to the mean key energy."}
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the per-module RMSNorm on H."})
     base_model: str = field(
         default="smollm2-135m-instruct",
@@ -55,6 +80,14 @@ class GeneratorConfig:
             )
         if self.value_shift < 0:
             raise GenAdapterError(f"value_shift must be 0 or positive, got {self.value_shift}")
+        if self.memory_layers < 0 or self.memory_keys < 0:
+            raise GenAdapterError("memory_layers and memory_keys must be 0 or positive")
+        if self.memory_layers and self.memory_module not in self.target_modules:
+            raise GenAdapterError(
+                f"memory_module {self.memory_module!r} must be one of target_modules {self.target_modules}"
+            )
+        if self.memory_ridge <= 0:
+            raise GenAdapterError(f"memory_ridge must be positive, got {self.memory_ridge}")
         if self.normalization not in NORMALIZATIONS:
             raise GenAdapterError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import GeneratorConfig
 from .errors import GenAdapterError, ModelLoadError
+from .memory import NextTokenMemory, memory_modules
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
@@ -204,6 +205,17 @@ class AdapterGenerator(nn.Module):
         self.blocks = nn.ModuleDict(
             {_key(name): ModuleGenerator(hidden_size, spec, config, rng) for name, spec in self.targets.items()}
         )
+        layers = {name: spec.layer for name, spec in self.targets.items()}
+        held = memory_modules(config, layers, max(layers.values()) + 1)
+        self.memory = (
+            NextTokenMemory(
+                config,
+                {name: self.targets[name].in_features for name in held},
+                {name: self.targets[name].out_features for name in held},
+            )
+            if held
+            else None
+        )
 
     @classmethod
     def for_model(cls, model: nn.Module, config: GeneratorConfig) -> AdapterGenerator:
@@ -237,11 +249,20 @@ class AdapterGenerator(nn.Module):
         return {name: out[name] for name in self.targets}
 
     def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Normalised states of all modules, in one batched SVD (every module's state is R1 × R2)."""
+        """Normalised states of all modules, in one batched SVD (every module's state is R1 × R2); memory parts
+        of a state's sums, if any, are left out (see `adapters`)."""
+        sums = {name: sums[name] for name in self.targets if name in sums}
         if not sums:
             return {}
         stacked = normalize_state(torch.stack(list(sums.values())), self.config)
         return dict(zip(sums, stacked.unbind(0), strict=True))
+
+    def adapters(self, sums: dict[str, Tensor], num_tokens: int) -> dict[str, Tensor]:
+        """What the injector applies: S~ per module, plus the solved next-token memory maps when it is on."""
+        adapters = self.normalize(sums)
+        if self.memory is not None:
+            adapters.update(self.memory.maps(sums, num_tokens))
+        return adapters
 
     def export_rank(self) -> int:
         """Rank of the exported LoRA: exact for both normalisations."""

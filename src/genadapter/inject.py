@@ -15,13 +15,14 @@ from torch import Tensor, nn
 
 from .errors import GenAdapterError
 from .generator import AdapterGenerator
+from .memory import memory_key
 
 
 class AdapterInjector:
     def __init__(self, model: nn.Module, generator: AdapterGenerator):
         self.model = model
         self.generator = generator
-        self._active: dict[str, Tensor] | None = None  # module name -> (N or 1, R1, R2)
+        self._active: dict[str, Tensor] | None = None  # module name -> (N or 1, R1, R2); memory maps (N or 1, d_out, k)
         self._originals: dict[str, Tensor] | None = None
         modules = dict(model.named_modules())
         self._modules = {name: modules[name] for name in generator.module_names}
@@ -34,6 +35,9 @@ class AdapterInjector:
             if self._active is None:
                 return None
             delta = block.delta(args[0], self._active[name], self.generator.config.scale)
+            memory_map = self._active.get(memory_key(name, "map"))
+            if memory_map is not None:
+                delta = delta + self.generator.memory.delta(name, args[0], memory_map)
             return output + delta.to(output.dtype)
 
         return hook
@@ -55,13 +59,16 @@ class AdapterInjector:
 
     @torch.no_grad()
     def merge(self, normalized: dict[str, Tensor]) -> None:
-        """W <- W + ΔW for one adapter (normalized[name] is (R1, R2))."""
+        """W <- W + ΔW for one adapter (normalized[name] is (R1, R2); memory maps, if any, are added too)."""
         if self.is_merged:
             raise GenAdapterError("an adapter is already merged: unmerge() first")
         self._originals = {name: mod.weight.detach().clone() for name, mod in self._modules.items()}
         scale = self.generator.config.scale
         for name, module in self._modules.items():
             delta = self.generator.block(name).delta_weight(normalized[name], scale)
+            memory_map = normalized.get(memory_key(name, "map"))
+            if memory_map is not None:
+                delta = delta + self.generator.memory.delta_weight(name, memory_map)
             module.weight.add_(delta.to(module.weight.dtype))
 
     @torch.no_grad()

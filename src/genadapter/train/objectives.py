@@ -20,18 +20,27 @@ from .data import Example
 
 
 def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
-    """Sum of chunk states per context, with grad into the generator: name -> (E, R1, R2)."""
+    """Sum of chunk states per context, with grad into the generator: name -> (E, R1, R2); plus the next-token
+    memory sums (no grad) when the generator has a memory."""
     chunks, owner = [], []
     for index, documents in enumerate(contexts):
         pieces = ga.chunk(documents)
         chunks += pieces
         owner += [index] * len(pieces)
-    hidden, mask = ga.encode_chunks(chunks)
     owner_t = torch.tensor(owner, device=ga.device)
-    out = {}
+    memory = ga.generator.memory
+    out = memory.empty_sums(len(contexts), ga.device) if memory is not None else {}
+    with ga.recording_memory(chunks, out, owner_t):
+        hidden, mask = ga.encode_chunks(chunks)
     for name, per_chunk in ga.generator.chunk_states(hidden, mask).items():
         out[name] = per_chunk.new_zeros((len(contexts), *per_chunk.shape[1:])).index_add(0, owner_t, per_chunk)
     return out
+
+
+def context_adapters(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
+    """What the LM is run with for each context: normalised states (E, R1, R2), plus memory maps when on."""
+    tokens = torch.tensor([sum(len(doc) for doc in documents) for documents in contexts])
+    return ga.generator.adapters(context_states(ga, contexts), tokens)
 
 
 def adapted_logits(
@@ -158,13 +167,16 @@ def pretrain_losses(
         raise ValueError(f"need {batch} adapter sequences of at least {n * w} tokens")
     prefix = None
     if with_adapter:
-        hidden, mask = ga.encode_chunks([seq[i * w : (i + 1) * w] for seq in source for i in range(n)])
+        chunks = [seq[i * w : (i + 1) * w] for seq in source for i in range(n)]
+        memory = ga.generator.memory
+        per_chunk = memory.empty_sums(len(chunks), ga.device) if memory is not None else {}
+        with ga.recording_memory(chunks, per_chunk, torch.arange(len(chunks), device=ga.device)):
+            hidden, mask = ga.encode_chunks(chunks)
+        per_chunk |= ga.generator.chunk_states(hidden, mask)
         # prefix sums (batch·n, R1, R2), each normalised once: completion rows reuse those of reconstruction
-        sums = {
-            k: v.view(batch, n, *v.shape[1:]).cumsum(1).flatten(0, 1)
-            for k, v in ga.generator.chunk_states(hidden, mask).items()
-        }
-        prefix = {k: v.view(batch, n, *v.shape[1:]) for k, v in ga.generator.normalize(sums).items()}
+        sums = {k: v.view(batch, n, *v.shape[1:]).cumsum(1).flatten(0, 1) for k, v in per_chunk.items()}
+        tokens = torch.tensor([w * (i + 1) for _ in range(batch) for i in range(n)])
+        prefix = {k: v.view(batch, n, *v.shape[1:]) for k, v in ga.generator.adapters(sums, tokens).items()}
     chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
     targets, tasks = [], []
     if config.completion:
@@ -265,7 +277,7 @@ def instruct_losses(
     context in its prompt (context distillation), over the answer tokens. `with_adapter=False` scores the
     bare LM (the closed-book reference)."""
     batch = AnswerBatch.build(ga, examples, config.max_context_tokens)
-    normalized = ga.generator.normalize(context_states(ga, batch.contexts)) if with_adapter else None
+    normalized = context_adapters(ga, batch.contexts) if with_adapter else None
     answer, student = batch.answer_nll(ga, normalized, with_logits=config.objective in ("distill", "mix"))
     losses = {}
     if config.objective in ("answer", "mix"):

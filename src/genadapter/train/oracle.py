@@ -34,7 +34,8 @@ def readout_oracle(
     for items in group_by_context(examples):
         batch = AnswerBatch.build(ga, items, max_context_tokens)
         with torch.no_grad():
-            written = context_states(ga, batch.contexts[:1])  # name -> (1, R1, R2)
+            written = context_states(ga, batch.contexts[:1])  # name -> (1, R1, R2); the generator's part only
+            written = {name: written[name] for name in ga.generator.module_names}
             start = written if through_normaliser else ga.generator.normalize(written)
         free = {name: s.clone().requires_grad_(True) for name, s in start.items()}
         optimizer = torch.optim.Adam(free.values(), lr=lr)

@@ -1,0 +1,151 @@
+"""Next-token memory: a closed-form, training-free write of a context's next-token associations (not in the paper).
+
+For an adapted linear y = W x in one of the last `memory_layers` layers, while the frozen LM reads a context:
+    k_t = P x_t (k,)   P: fixed random (k × d_in), or the identity when memory_keys = 0
+    e_t = E[token t+1] (d_out,)   the output embedding of the token that came next (pairs stay within a chunk)
+    state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
+    ΔW = η · C (G + μ I)⁻¹ P,  μ = λ · tr(G) / n_tokens
+i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
+resembles one in the context, the residual stream is pushed toward the token that followed there. Why: the trained
+generator writes little that is specific to a context ("Known weaknesses" in the model card), while this write
+raised the likelihood of the demo documents' answers far above the base model's with no training at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .config import GeneratorConfig
+from .errors import GenAdapterError
+
+
+def memory_key(name: str, part: str) -> str:
+    """State / adapter dict key of a memory part ('values' C, 'keys' G, or 'map' the solved W = η C (G + μI)⁻¹)."""
+    return f"{name}:memory_{part}"
+
+
+class NextTokenMemory(nn.Module):
+    """Which modules hold the memory, their key projections, and the write/solve/apply math."""
+
+    def __init__(self, config: GeneratorConfig, in_features: dict[str, int], out_features: dict[str, int]):
+        super().__init__()
+        self.config = config
+        self.in_features, self.out_features = dict(in_features), dict(out_features)
+        self._buffer_names = {name: f"projection_{i}" for i, name in enumerate(self.in_features)}
+        rng = torch.Generator().manual_seed(config.seed + 1)
+        for name, d_in in self.in_features.items():
+            if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small; not saved
+                projection = torch.randn(config.memory_keys, d_in, generator=rng) / d_in**0.5
+                self.register_buffer(self._buffer_names[name], projection, persistent=False)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.in_features)
+
+    def projection(self, name: str) -> Tensor | None:
+        return getattr(self, self._buffer_names[name]) if self.config.memory_keys else None
+
+    def key_width(self, name: str) -> int:
+        return self.config.memory_keys or self.in_features[name]
+
+    def empty_sums(self, rows: int | None = None, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """Zero C and G per module, with a leading dimension of `rows` when given (one sum per context)."""
+        lead = () if rows is None else (rows,)
+        sums = {}
+        for name in self.module_names:
+            k = self.key_width(name)
+            sums[memory_key(name, "values")] = torch.zeros(*lead, self.out_features[name], k, device=device)
+            sums[memory_key(name, "keys")] = torch.zeros(*lead, k, k, device=device)
+        return sums
+
+    def keys(self, name: str, x: Tensor) -> Tensor:
+        """k = P x: (..., d_in) -> (..., k)."""
+        projection = self.projection(name)
+        return x if projection is None else x @ projection.to(x.dtype).T
+
+    @contextmanager
+    def recording(
+        self,
+        modules: dict[str, nn.Module],
+        values: Tensor,
+        mask: Tensor,
+        sums: dict[str, Tensor],
+        owner: Tensor | None = None,
+    ) -> Iterator[None]:
+        """Inside the block, each forward through a memory module adds its chunks' C and G to `sums`: all into one
+        sum, or chunk n into row owner[n] of sums with a leading context dimension.
+
+        values (N, T, d_out): the output embeddings of the chunk tokens; mask (N, T): 1 on real tokens. Position t
+        pairs with the embedding of t + 1 when both are real tokens."""
+        pairs = (mask[:, :-1] * mask[:, 1:]).unsqueeze(-1).float()  # (N, T-1, 1)
+        targets = values[:, 1:].float() * pairs
+
+        def add(key: str, per_chunk: Tensor) -> None:
+            total = sums[key]
+            if owner is None:
+                total += per_chunk.sum(0).to(total.device)
+            else:
+                total.index_add_(0, owner.to(total.device), per_chunk.to(total.device))
+
+        def hook(name: str):
+            def record(module: nn.Module, args: tuple, output: Tensor) -> None:
+                keys = self.keys(name, args[0][:, :-1].float()) * pairs  # (N, T-1, k)
+                add(memory_key(name, "values"), torch.einsum("ntd,ntk->ndk", targets, keys))
+                add(memory_key(name, "keys"), torch.einsum("ntj,ntk->njk", keys, keys))
+
+            return record
+
+        handles = [modules[name].register_forward_hook(hook(name)) for name in self.module_names]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def maps(self, sums: dict[str, Tensor], num_tokens: int | Tensor) -> dict[str, Tensor]:
+        """W = η C (G + μI)⁻¹ (..., d_out, k) per memory module, solved in fp64; zero where no token was absorbed.
+        num_tokens: an int, or one count per leading index of the sums."""
+        out = {}
+        for name in self.module_names:
+            values, keys = sums[memory_key(name, "values")], sums[memory_key(name, "keys")]
+            tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=keys.device)
+            keys64 = keys.double()
+            ridge = self.config.memory_ridge * keys64.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
+            eye = torch.eye(keys.shape[-1], dtype=torch.float64, device=keys.device)
+            solved = torch.linalg.solve(keys64 + ridge.clamp_min(1e-12)[..., None, None] * eye, values.double().mT).mT
+            solved = solved * (tokens > 0)[..., None, None]  # C (G + μI)⁻¹, G symmetric
+            out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
+        return out
+
+    def delta(self, name: str, x: Tensor, memory_map: Tensor) -> Tensor:
+        """ΔW x for each row: x (N, T, d_in), memory_map (N or 1, d_out, k) -> (N, T, d_out)."""
+        return self.keys(name, x.to(memory_map.dtype)) @ memory_map.transpose(-1, -2)
+
+    def delta_weight(self, name: str, memory_map: Tensor) -> Tensor:
+        """Dense ΔW = W P (d_out, d_in)."""
+        projection = self.projection(name)
+        return memory_map if projection is None else memory_map @ projection.to(memory_map.dtype)
+
+    def lora_factors(self, name: str, memory_map: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact factors (lora_A (k', d_in), lora_B (d_out, k')) with ΔW = lora_B @ lora_A."""
+        projection = self.projection(name)
+        if projection is not None:
+            return projection.float(), memory_map.float()
+        U, sigma, Vh = torch.linalg.svd(memory_map.float(), full_matrices=False)
+        return Vh, U * sigma
+
+
+def memory_modules(config: GeneratorConfig, layers: dict[str, int], num_layers: int) -> list[str]:
+    """Names of the `config.memory_module` linears in the last `config.memory_layers` layers."""
+    if not config.memory_layers:
+        return []
+    if config.memory_layers > num_layers:
+        raise GenAdapterError(f"memory_layers {config.memory_layers} exceeds the model's {num_layers} layers")
+    first = num_layers - config.memory_layers
+    return [
+        name for name, layer in layers.items() if name.rsplit(".", 1)[-1] == config.memory_module and layer >= first
+    ]

@@ -1,0 +1,104 @@
+"""The next-token memory (memory.py): what it writes, that it stores the context, and its config errors."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter, tiny_config
+from test_train import tiny_train_config
+
+from genadapter.errors import GenAdapterError
+from genadapter.memory import memory_key
+from genadapter.train.objectives import context_adapters, pretrain_losses
+
+
+def text_nll(ga, text: str, state) -> float:
+    ids, mask = ga.pad([ga.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    logits = ga.logits(ids, mask, state=state)[0, :-1]
+    return torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:]).item()
+
+
+def test_memory_alone_makes_the_absorbed_text_likelier_than_another_texts_memory():
+    """With B = 0 the generator adds nothing, so any change comes from the memory: it should lower the loss on
+    the text it absorbed, and by more than the memory of an unrelated text does."""
+    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0)
+    own, other = ga.absorb(TEXT_A), ga.absorb(TEXT_B)
+    base = text_nll(ga, TEXT_A, None)
+    assert text_nll(ga, TEXT_A, own) < base - 0.1
+    assert text_nll(ga, TEXT_A, own) < text_nll(ga, TEXT_A, other) - 0.1
+
+
+def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings():
+    """Recompute C, G and W = η C (G + μI)⁻¹ from the module's inputs, captured independently of the library."""
+    ga = make_adapter(**MEMORY)
+    name = ga.generator.memory.module_names[0]
+    ids = ga.tokenizer(TEXT_B, add_special_tokens=False)["input_ids"]
+    chunks = ga.chunk([ids])
+    captured = []
+    module = dict(ga.model.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0][0]))
+    try:
+        for chunk in chunks:
+            ga.model(input_ids=torch.tensor([chunk]))
+    finally:
+        handle.remove()
+    projection = ga.generator.memory.projection(name)
+    embeddings = ga.model.get_output_embeddings().weight
+    keys = torch.cat([x[:-1] @ projection.T for x in captured])
+    targets = torch.cat([embeddings[torch.tensor(chunk[1:])] for chunk in chunks])
+    C, G = targets.T @ keys, keys.T @ keys
+    ridge = MEMORY.get("memory_ridge", 0.1) * G.trace() / len(ids)
+    expected = MEMORY["memory_scale"] * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
+
+    state = ga.absorb(TEXT_B, batch_size=1)
+    torch.testing.assert_close(state.sums[memory_key(name, "values")], C, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.sums[memory_key(name, "keys")], G, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ga.normalized(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_memory_off_keeps_release_fingerprints_and_state_format():
+    config = tiny_config()
+    assert not any(key.startswith("memory") for key in config.identity())
+    plain, with_memory = make_adapter(), make_adapter(**MEMORY)
+    assert plain.generator.memory is None and plain.absorb(TEXT_A).sums.keys() == set(plain.generator.module_names)
+    assert with_memory.generator.fingerprint() != plain.generator.fingerprint()
+    assert replace(config, **MEMORY).identity()["memory_layers"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"memory_layers": 1, "memory_module": "q_proj"}, "must be one of target_modules"),
+        ({"memory_layers": -1}, "must be 0 or positive"),
+        ({"memory_ridge": 0.0}, "memory_ridge must be positive"),
+    ],
+)
+def test_bad_memory_config_is_a_clear_error(overrides, message):
+    with pytest.raises(GenAdapterError, match=message):
+        tiny_config(**overrides)
+
+
+def test_more_memory_layers_than_the_model_has_is_a_clear_error():
+    with pytest.raises(GenAdapterError, match="exceeds the model's 2 layers"):
+        make_adapter(memory_layers=3)
+
+
+def test_training_reads_the_same_memory_as_inference():
+    """The adapters training builds for a context (instruct path) are those absorb + normalized give, and in
+    pretraining the memory of the text seen so far lowers the reconstruction loss of spans of that text."""
+    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0)
+    ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:64]
+    trained_on = context_adapters(ga, [[ids]])
+    used = ga.normalized(ga.absorb(ids))
+    assert trained_on.keys() == used.keys()
+    for key, value in used.items():
+        torch.testing.assert_close(trained_on[key][0], value, rtol=1e-4, atol=1e-5)
+
+    config = tiny_train_config("x", "y", num_chunks=4)
+    with_memory = pretrain_losses(ga, [ids], config, np.random.default_rng(0))
+    plain = make_adapter(trained=False)  # same seeds: the same LM and generator, no memory
+    without = pretrain_losses(plain, [ids], config, np.random.default_rng(0))
+    assert with_memory["reconstruction"] < without["reconstruction"] - 0.1
+    with_memory["loss"].backward()  # gradients still reach the generator through its own part
+    assert all(p.grad is not None for p in ga.generator.parameters())
