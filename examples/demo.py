@@ -51,6 +51,12 @@ def main() -> None:
     parser.add_argument("--questions", type=Path, default=HERE / "tarnwick_questions.txt")
     parser.add_argument("--control", type=Path, default=HERE / "lisbon.txt", help="an unrelated text")
     parser.add_argument("--generator", type=Path, default=None, help="a generator directory (default: the shipped one)")
+    parser.add_argument(
+        "--memory-layers",
+        type=int,
+        default=0,
+        help="switch on the next-token memory in this many last layers (README, 'How it works'; 0: off, as shipped)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument(
         "--finetune-steps", type=int, default=40, help="steps of the fine-tuned reference LoRA (0: leave it out)"
@@ -59,7 +65,8 @@ def main() -> None:
     console = Console()
 
     started = time.perf_counter()
-    ga = GenerativeAdapter.from_pretrained(generator=args.generator)
+    overrides = {"memory_layers": args.memory_layers} if args.memory_layers else None
+    ga = GenerativeAdapter.from_pretrained(generator=args.generator, overrides=overrides)
     console.print(f"loaded base model + generator {ga.fingerprint} in {time.perf_counter() - started:.1f}s")
 
     document = args.document.read_text()

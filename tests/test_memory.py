@@ -8,6 +8,7 @@ import torch
 from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter, tiny_config
 from test_train import tiny_train_config
 
+from genadapter import GenerativeAdapter
 from genadapter.errors import GenAdapterError
 from genadapter.memory import memory_key
 from genadapter.train.objectives import context_adapters, pretrain_losses
@@ -102,3 +103,32 @@ def test_training_reads_the_same_memory_as_inference():
     assert with_memory["reconstruction"] < without["reconstruction"] - 0.1
     with_memory["loss"].backward()  # gradients still reach the generator through its own part
     assert all(p.grad is not None for p in ga.generator.parameters())
+
+
+def test_a_trained_generator_loads_with_the_memory_switched_on(tiny_dirs):
+    base, gen = tiny_dirs
+    plain = GenerativeAdapter.from_pretrained(base=str(base), generator=gen)
+    with_memory = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=MEMORY)
+    assert plain.generator.memory is None and with_memory.generator.memory is not None
+    assert with_memory.fingerprint != plain.fingerprint  # states of the two never mix
+    for name, block in plain.generator.blocks.items():
+        torch.testing.assert_close(with_memory.generator.blocks[name].B, block.B)
+    with pytest.raises(GenAdapterError, match="may change only"):
+        GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides={"key_dim": 4})
+    with pytest.raises(GenAdapterError, match="must be of type int"):
+        GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides={"memory_layers": "1"})
+
+
+def test_batched_memory_maps_are_the_ridge_solutions_row_by_row():
+    """One map per context row, each with its own token count; a row with no token has no memory."""
+    ga = make_adapter(**MEMORY)
+    name = ga.generator.memory.module_names[0]
+    keys = torch.randn(4, 300, 256, dtype=torch.float64)
+    gram, values = keys.mT @ keys, torch.randn(4, 576, 256, dtype=torch.float64)
+    tokens = torch.tensor([300, 200, 100, 0])
+    ridge = ga.config.memory_ridge * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
+    expected = ga.config.memory_scale * values @ torch.linalg.inv(gram + ridge[:, None, None] * torch.eye(256))
+    sums = {memory_key(name, "keys"): gram.float(), memory_key(name, "values"): values.float()}
+    maps = ga.generator.memory.maps(sums, tokens)[memory_key(name, "map")]
+    torch.testing.assert_close(maps[:3], expected[:3].float(), rtol=1e-3, atol=1e-4)
+    assert torch.count_nonzero(maps[3]) == 0

@@ -37,7 +37,8 @@ def test_untrained_generator_is_the_base_model_exactly(smol):
 
 
 def test_peft_export_matches_on_smollm2(smol, tmp_path):
-    gen = AdapterGenerator.for_model(smol.model, GeneratorConfig(key_dim=16, value_dim=16, rank=8, chunk_size=32))
+    config = GeneratorConfig(key_dim=16, value_dim=16, rank=8, chunk_size=32, memory_layers=2, memory_keys=32)
+    gen = AdapterGenerator.for_model(smol.model, config)
     randomize_b(gen, std=0.05)
     ga = GenerativeAdapter(smol.model, smol.tokenizer, gen, smol.base_name)
     try:

@@ -473,7 +473,7 @@ def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny
     with pytest.raises(GenAdapterError, match="exceeds"):
         bad = tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"rank": 99})
         build_adapter(bad, "cpu")
-    with pytest.raises(GenAdapterError, match="whole numbers"):
+    with pytest.raises(GenAdapterError, match="must be of type int"):
         tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"rank": "3"})
     with pytest.raises(GenAdapterError, match="may change only"):
         tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"key_dim": 8})

@@ -55,11 +55,14 @@ class GenerativeAdapter:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         config: GeneratorConfig | None = None,
+        overrides: dict | None = None,
     ) -> GenerativeAdapter:
         """Load a base LM (default: embedded SmolLM2) and a generator directory.
 
         Without `generator`, the embedded model gets the generator shipped with the package; any other
         base gets an *untrained* generator (zero B: the adapter changes nothing) and a loud warning.
+        `overrides` changes config fields of a loaded generator that no weight depends on, e.g.
+        `{"memory_layers": 15}` switches on the next-token memory (README, "How it works").
         """
         base_name, model, tokenizer = load_base(base, dtype=dtype, device=device)
         if (
@@ -69,7 +72,7 @@ class GenerativeAdapter:
         ):
             generator = SHIPPED_GENERATOR
         if generator is not None:
-            gen = AdapterGenerator.load(generator, model)
+            gen = AdapterGenerator.load(generator, model, overrides)
         else:
             log.warning(
                 "UNTRAINED GENERATOR: no trained generator for %s; adapters will not change the model's answers",

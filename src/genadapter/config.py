@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
+# fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
+OVERRIDABLE = ("rank", "value_shift", "memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge")
 _LATER_FIELDS = {  # field -> default, for fields added after release 5
     "value_shift": 0,
     "memory_layers": 0,
@@ -17,6 +19,16 @@ _LATER_FIELDS = {  # field -> default, for fields added after release 5
     "memory_scale": 8.0,
     "memory_ridge": 0.1,
 }
+
+
+def check_overrides(overrides: dict) -> None:
+    """Only OVERRIDABLE fields, each with a value of its field's type (an int may stand for a float)."""
+    if set(overrides) - set(OVERRIDABLE):
+        raise GenAdapterError(f"overrides may change only {list(OVERRIDABLE)}, got {sorted(overrides)}")
+    for key, value in overrides.items():
+        kind = type(getattr(GeneratorConfig, key))  # the field's default
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            raise GenAdapterError(f"override {key}={value!r} must be of type {kind.__name__}")
 
 
 @dataclass
@@ -102,6 +114,11 @@ class GeneratorConfig:
         """to_dict without fields added after a release that still hold their default: what fingerprints hash, so
         a shipped generator keeps its fingerprint (and the states saved with it stay loadable)."""
         return {k: v for k, v in self.to_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+
+    def with_overrides(self, overrides: dict | None) -> GeneratorConfig:
+        """This config with some OVERRIDABLE fields changed (validated like any config)."""
+        check_overrides(overrides or {})
+        return replace(self, **overrides) if overrides else self
 
     @classmethod
     def from_dict(cls, data: dict) -> GeneratorConfig:

@@ -286,11 +286,13 @@ class AdapterGenerator(nn.Module):
         self.config.save(directory / CONFIG_FILE)
 
     @classmethod
-    def load(cls, directory: str | Path, model: nn.Module) -> AdapterGenerator:
+    def load(cls, directory: str | Path, model: nn.Module, overrides: dict | None = None) -> AdapterGenerator:
+        """A saved generator for `model`; `overrides` changes config fields no weight depends on (OVERRIDABLE),
+        e.g. {"memory_layers": 15} to add the next-token memory to a generator trained without it."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise ModelLoadError(f"{directory} is not a generator directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
-        generator = cls.for_model(model, GeneratorConfig.load(directory / CONFIG_FILE))
+        generator = cls.for_model(model, GeneratorConfig.load(directory / CONFIG_FILE).with_overrides(overrides))
         try:
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except Exception as exc:  # safetensors raises several types on corrupt files

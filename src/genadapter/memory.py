@@ -116,8 +116,11 @@ class NextTokenMemory(nn.Module):
             keys64 = keys.double()
             ridge = self.config.memory_ridge * keys64.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
             eye = torch.eye(keys.shape[-1], dtype=torch.float64, device=keys.device)
-            solved = torch.linalg.solve(keys64 + ridge.clamp_min(1e-12)[..., None, None] * eye, values.double().mT).mT
-            solved = solved * (tokens > 0)[..., None, None]  # C (G + μI)⁻¹, G symmetric
+            # G + μI is symmetric positive definite: Cholesky. (Batched LU solves also failed inside MKL — "DLASWP
+            # parameter 6" — once the eigh thread pool of generator.py had run.)
+            factor = torch.linalg.cholesky(keys64 + ridge.clamp_min(1e-12)[..., None, None] * eye)
+            solved = torch.cholesky_solve(values.double().mT, factor).mT  # C (G + μI)⁻¹
+            solved = solved * (tokens > 0)[..., None, None]
             out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
         return out
 

@@ -6,12 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..config import GeneratorConfig
+from ..config import OVERRIDABLE, GeneratorConfig, check_overrides
 from ..errors import GenAdapterError
 
 RECIPES = ("pretrain", "instruct")
 OBJECTIVES = ("answer", "distill", "mix")
-OVERRIDABLE = ("rank", "value_shift")  # generator config fields a trained generator can go on with changed
 
 
 @dataclass
@@ -26,7 +25,7 @@ class TrainConfig:
         default_factory=lambda: GeneratorConfig(key_dim=96, value_dim=96, rank=96, chunk_size=128),
         metadata={"help": "Shape of a freshly initialised generator (ignored with init_generator)."},
     )
-    generator_overrides: dict[str, int] = field(
+    generator_overrides: dict[str, int | float | str] = field(
         default_factory=dict,
         metadata={
             "help": "Continue init_generator with these fields of its config changed; only fields no parameter's shape "
@@ -118,12 +117,7 @@ class TrainConfig:
             raise GenAdapterError("max_minutes must be 0 (no time box) or positive")
         if not 0 <= self.open_fact_values <= 1:
             raise GenAdapterError("open_fact_values must be between 0 and 1")
-        if set(self.generator_overrides) - set(OVERRIDABLE):
-            raise GenAdapterError(
-                f"generator_overrides may change only {list(OVERRIDABLE)}, got {sorted(self.generator_overrides)}"
-            )
-        if not all(type(value) is int for value in self.generator_overrides.values()):
-            raise GenAdapterError(f"generator_overrides take whole numbers, got {self.generator_overrides}")
+        check_overrides(self.generator_overrides)
         if self.generator_overrides and not self.init_generator:
             raise GenAdapterError("generator_overrides change init_generator; a fresh generator takes `generator`")
         if self.batch_size < 1 or self.micro_batch_size < 0:

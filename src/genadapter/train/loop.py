@@ -72,8 +72,7 @@ def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
 def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapter:
     base_name, model, tokenizer = load_base(config.base, device=str(device))
     if config.init_generator:
-        generator = AdapterGenerator.load(config.init_generator, model)
-        generator.config = replace(generator.config, **config.generator_overrides)  # validates the values
+        generator = AdapterGenerator.load(config.init_generator, model, config.generator_overrides)
     else:
         config.generator.base_model = base_name
         generator = AdapterGenerator.for_model(model, config.generator)
