@@ -7,8 +7,8 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
     ΔW = η · C (G + μ I)⁻¹ P,  μ = λ · tr(G) / n_tokens
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
 resembles one in the context, the residual stream is pushed toward the token that followed there. Why: the trained
-generator writes little that is specific to a context ("Known weaknesses" in the model card), while this write
-raised the likelihood of the demo documents' answers far above the base model's with no training at all.
+generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
+read it far better than another text's (model card, "Stage 17", which also shows what it costs).
 """
 
 from __future__ import annotations
