@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -139,18 +139,21 @@ class GenerativeAdapter:
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states, mask
 
-    def recording_memory(
-        self, chunks: Sequence[Sequence[int]], sums: dict[str, Tensor], owner: Tensor | None = None
-    ) -> AbstractContextManager:
-        """While `encode_chunks(chunks)` runs inside, add the chunks' next-token memory sums to `sums` (all in one, or
-        chunk n into row owner[n]); does nothing when the generator has no memory."""
+    def encode_chunks_with_memory(
+        self, chunks: Sequence[Sequence[int]], owner: Tensor | None = None, rows: int | None = None
+    ) -> tuple[tuple[Tensor, ...], Tensor, dict[str, Tensor]]:
+        """encode_chunks, plus the chunks' next-token memory sums ({} when the generator has no memory): all in one
+        sum, or chunk n into row owner[n] of `rows` sums."""
         memory = self.generator.memory
         if memory is None:
-            return nullcontext()
+            return (*self.encode_chunks(chunks), {})
+        sums = memory.empty_sums(rows, self.device)
         ids, mask = self.pad(chunks)
         values = self.model.get_output_embeddings().weight[ids]  # (N, T, d): embeddings the next tokens map to
         modules = dict(self.model.named_modules())
-        return memory.recording({name: modules[name] for name in memory.module_names}, values, mask, sums, owner)
+        with memory.recording({name: modules[name] for name in memory.module_names}, values, mask, sums, owner):
+            hidden, mask = self.encode_chunks(chunks)
+        return hidden, mask, sums
 
     def empty_state(self) -> ContextState:
         r1, r2 = self.config.key_dim, self.config.value_dim
@@ -176,8 +179,9 @@ class GenerativeAdapter:
         show = len(starts) > 1 if progress is None else progress
         for start in tqdm(starts, desc="absorbing", unit="batch", disable=not show):
             batch = chunks[start : start + batch_size]
-            with self.recording_memory(batch, state.sums):
-                hidden, mask = self.encode_chunks(batch)
+            hidden, mask, memory_sums = self.encode_chunks_with_memory(batch)
+            for name, total in memory_sums.items():
+                state.sums[name] += total.cpu()
             for name, per_chunk in self.generator.chunk_states(hidden, mask).items():
                 state.sums[name] += per_chunk.sum(0).cpu()
             state.num_tokens += sum(len(c) for c in batch)

@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from .errors import GenAdapterError
 from .fileio import PEFT_MARKER, check_replaceable_dir
+from .memory import is_memory_key
 from .models import EMBEDDED_MODEL
 from .state import ContextState
 
@@ -322,7 +323,7 @@ def info(
         return str(config.get(key, "?"))
 
     targets = config.get("target_modules") or []
-    adapted = [name for name in state.sums if ":memory_" not in name]
+    adapted = [name for name in state.sums if not is_memory_key(name)]
     memory = len(state.sums) - len(adapted)
     rows = [
         ("file", str(state_file)),

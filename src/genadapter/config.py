@@ -11,14 +11,8 @@ from .errors import GenAdapterError
 NORMALIZATIONS = ("svd", "frobenius")
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 OVERRIDABLE = ("rank", "value_shift", "memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge")
-_LATER_FIELDS = {  # field -> default, for fields added after release 5
-    "value_shift": 0,
-    "memory_layers": 0,
-    "memory_module": "down_proj",
-    "memory_keys": 256,
-    "memory_scale": 8.0,
-    "memory_ridge": 0.1,
-}
+# fields added after release 5: left out of fingerprints while they hold their default
+_LATER_FIELDS = ("value_shift", "memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge")
 
 
 def check_overrides(overrides: dict) -> None:
@@ -113,7 +107,8 @@ class GeneratorConfig:
     def identity(self) -> dict:
         """to_dict without fields added after a release that still hold their default: what fingerprints hash, so
         a shipped generator keeps its fingerprint (and the states saved with it stay loadable)."""
-        return {k: v for k, v in self.to_dict().items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        defaults = {f.name: f.default for f in fields(self) if f.name in _LATER_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if not (k in defaults and v == defaults[k])}
 
     def with_overrides(self, overrides: dict | None) -> GeneratorConfig:
         """This config with some OVERRIDABLE fields changed (validated like any config)."""

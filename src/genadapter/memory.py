@@ -22,10 +22,16 @@ from torch import Tensor, nn
 from .config import GeneratorConfig
 from .errors import GenAdapterError
 
+_MEMORY_TAG = ":memory_"
+
 
 def memory_key(name: str, part: str) -> str:
     """State / adapter dict key of a memory part ('values' C, 'keys' G, or 'map' the solved W = η C (G + μI)⁻¹)."""
-    return f"{name}:memory_{part}"
+    return f"{name}{_MEMORY_TAG}{part}"
+
+
+def is_memory_key(key: str) -> bool:
+    return _MEMORY_TAG in key
 
 
 class NextTokenMemory(nn.Module):

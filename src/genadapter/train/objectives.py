@@ -28,10 +28,7 @@ def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> di
         chunks += pieces
         owner += [index] * len(pieces)
     owner_t = torch.tensor(owner, device=ga.device)
-    memory = ga.generator.memory
-    out = memory.empty_sums(len(contexts), ga.device) if memory is not None else {}
-    with ga.recording_memory(chunks, out, owner_t):
-        hidden, mask = ga.encode_chunks(chunks)
+    hidden, mask, out = ga.encode_chunks_with_memory(chunks, owner_t, len(contexts))
     for name, per_chunk in ga.generator.chunk_states(hidden, mask).items():
         out[name] = per_chunk.new_zeros((len(contexts), *per_chunk.shape[1:])).index_add(0, owner_t, per_chunk)
     return out
@@ -168,10 +165,8 @@ def pretrain_losses(
     prefix = None
     if with_adapter:
         chunks = [seq[i * w : (i + 1) * w] for seq in source for i in range(n)]
-        memory = ga.generator.memory
-        per_chunk = memory.empty_sums(len(chunks), ga.device) if memory is not None else {}
-        with ga.recording_memory(chunks, per_chunk, torch.arange(len(chunks), device=ga.device)):
-            hidden, mask = ga.encode_chunks(chunks)
+        owner = torch.arange(len(chunks), device=ga.device)
+        hidden, mask, per_chunk = ga.encode_chunks_with_memory(chunks, owner, len(chunks))
         per_chunk |= ga.generator.chunk_states(hidden, mask)
         # prefix sums (batch·n, R1, R2), each normalised once: completion rows reuse those of reconstruction
         sums = {k: v.view(batch, n, *v.shape[1:]).cumsum(1).flatten(0, 1) for k, v in per_chunk.items()}
