@@ -20,34 +20,40 @@ def text_nll(ga, text: str, state) -> float:
     return torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:]).item()
 
 
-def test_memory_alone_makes_the_absorbed_text_likelier_than_another_texts_memory():
+@pytest.mark.parametrize("targets_kind", ["next", "error"])
+def test_memory_alone_makes_the_absorbed_text_likelier_than_another_texts_memory(targets_kind):
     """With B = 0 the generator adds nothing, so any change comes from the memory: it should lower the loss on
     the text it absorbed, and by more than the memory of an unrelated text does."""
-    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0)
+    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0, memory_targets=targets_kind)
     own, other = ga.absorb(TEXT_A), ga.absorb(TEXT_B)
     base = text_nll(ga, TEXT_A, None)
     assert text_nll(ga, TEXT_A, own) < base - 0.1
     assert text_nll(ga, TEXT_A, own) < text_nll(ga, TEXT_A, other) - 0.1
 
 
-def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings():
-    """Recompute C, G and W = η C (G + μI)⁻¹ from the module's inputs, captured independently of the library."""
-    ga = make_adapter(**MEMORY)
+@pytest.mark.parametrize("targets_kind", ["next", "error"])
+@torch.no_grad()
+def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targets_kind):
+    """Recompute C, G and W = η C (G + μI)⁻¹ from the module's inputs and the LM's own next-token distributions,
+    captured independently of the library."""
+    ga = make_adapter(**MEMORY, memory_targets=targets_kind)
     name = ga.generator.memory.module_names[0]
     ids = ga.tokenizer(TEXT_B, add_special_tokens=False)["input_ids"]
     chunks = ga.chunk([ids])
-    captured = []
+    captured, probs = [], []
     module = dict(ga.model.named_modules())[name]
     handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0][0]))
     try:
         for chunk in chunks:
-            ga.model(input_ids=torch.tensor([chunk]))
+            probs.append(torch.softmax(ga.model(input_ids=torch.tensor([chunk])).logits[0, :-1], dim=-1))
     finally:
         handle.remove()
     projection = ga.generator.memory.projection(name)
     embeddings = ga.model.get_output_embeddings().weight
     keys = torch.cat([x[:-1] @ projection.T for x in captured])
     targets = torch.cat([embeddings[torch.tensor(chunk[1:])] for chunk in chunks])
+    if targets_kind == "error":  # minus the embedding the LM expected: the delta rule
+        targets = targets - torch.cat(probs) @ embeddings
     C, G = targets.T @ keys, keys.T @ keys
     ridge = MEMORY.get("memory_ridge", 0.1) * G.trace() / len(ids)
     expected = MEMORY["memory_scale"] * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
@@ -73,6 +79,7 @@ def test_memory_off_keeps_release_fingerprints_and_state_format():
         ({"memory_layers": 1, "memory_module": "q_proj"}, "must be one of target_modules"),
         ({"memory_layers": -1}, "must be 0 or positive"),
         ({"memory_ridge": 0.0}, "memory_ridge must be positive"),
+        ({"memory_targets": "surprise"}, "memory_targets must be one of"),
     ],
 )
 def test_bad_memory_config_is_a_clear_error(overrides, message):
@@ -85,10 +92,11 @@ def test_more_memory_layers_than_the_model_has_is_a_clear_error():
         make_adapter(memory_layers=3)
 
 
-def test_training_reads_the_same_memory_as_inference():
+@pytest.mark.parametrize("targets_kind", ["next", "error"])
+def test_training_reads_the_same_memory_as_inference(targets_kind):
     """The adapters training builds for a context (instruct path) are those absorb + normalized give, and in
     pretraining the memory of the text seen so far lowers the reconstruction loss of spans of that text."""
-    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0)
+    ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0, memory_targets=targets_kind)
     ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:64]
     trained_on = context_adapters(ga, [[ids]])
     used = ga.normalized(ga.absorb(ids))

@@ -148,12 +148,24 @@ class GenerativeAdapter:
         if memory is None:
             return (*self.encode_chunks(chunks), {})
         sums = memory.empty_sums(rows, self.device)
-        ids, mask = self.pad(chunks)
-        values = self.model.get_output_embeddings().weight[ids]  # (N, T, d): embeddings the next tokens map to
         modules = dict(self.model.named_modules())
-        with memory.recording({name: modules[name] for name in memory.module_names}, values, mask, sums, owner):
+        with memory.capturing({name: modules[name] for name in memory.module_names}) as keys:
             hidden, mask = self.encode_chunks(chunks)
+        memory.write(keys, self.memory_targets(chunks, hidden[-1]), mask, sums, owner)
         return hidden, mask, sums
+
+    @torch.no_grad()
+    def memory_targets(self, chunks: Sequence[Sequence[int]], final_hidden: Tensor) -> Tensor:
+        """What each position's memory key maps to, (N, T-1, d): the output embedding of the next token, minus with
+        memory_targets = "error" the embedding the frozen LM expected (its softmax over final_hidden (N, T, d),
+        the normed last hidden state, times the output embeddings)."""
+        embeddings = self.model.get_output_embeddings().weight  # (V, d)
+        ids, _ = self.pad(chunks)
+        targets = embeddings[ids[:, 1:]]
+        if self.config.memory_targets == "error":
+            probs = torch.softmax(self.model.get_output_embeddings()(final_hidden[:, :-1]).float(), dim=-1)
+            targets = targets.float() - probs @ embeddings.float()
+        return targets
 
     def empty_state(self) -> ContextState:
         r1, r2 = self.config.key_dim, self.config.value_dim

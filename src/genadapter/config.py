@@ -9,10 +9,28 @@ from pathlib import Path
 from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
+MEMORY_TARGETS = ("next", "error")
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
-OVERRIDABLE = ("rank", "value_shift", "memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge")
+OVERRIDABLE = (
+    "rank",
+    "value_shift",
+    "memory_layers",
+    "memory_module",
+    "memory_keys",
+    "memory_scale",
+    "memory_ridge",
+    "memory_targets",
+)
 # fields added after release 5: left out of fingerprints while they hold their default
-_LATER_FIELDS = ("value_shift", "memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge")
+_LATER_FIELDS = (
+    "value_shift",
+    "memory_layers",
+    "memory_module",
+    "memory_keys",
+    "memory_scale",
+    "memory_ridge",
+    "memory_targets",
+)
 
 
 def check_overrides(overrides: dict) -> None:
@@ -68,6 +86,14 @@ class GeneratorConfig:
     memory_ridge: float = field(
         default=0.1, metadata={"help": "lambda: ridge term of the memory solve, relative to the mean key energy."}
     )
+    memory_targets: str = field(
+        default="next",
+        metadata={
+            "help": "What a memory key maps to: 'next', the output embedding of the token that came next; 'error', "
+            "that embedding minus the one the frozen LM expected there (Σ_v p(v) E[v]), a delta-rule write that "
+            "stores only what the LM did not already predict."
+        },
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the per-module RMSNorm on H."})
     base_model: str = field(
         default="smollm2-135m-instruct",
@@ -94,6 +120,8 @@ class GeneratorConfig:
             )
         if self.memory_ridge <= 0:
             raise GenAdapterError(f"memory_ridge must be positive, got {self.memory_ridge}")
+        if self.memory_targets not in MEMORY_TARGETS:
+            raise GenAdapterError(f"memory_targets must be one of {MEMORY_TARGETS}, got {self.memory_targets!r}")
         if self.normalization not in NORMALIZATIONS:
             raise GenAdapterError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 

@@ -2,11 +2,14 @@
 
 For an adapted linear y = W x in one of the last `memory_layers` layers, while the frozen LM reads a context:
     k_t = P x_t (k,)   P: fixed random (k × d_in), or the identity when memory_keys = 0
-    e_t = E[token t+1] (d_out,)   the output embedding of the token that came next (pairs stay within a chunk)
+    e_t = E[token t+1] (d_out,)   the output embedding of the token that came next (pairs stay within a chunk);
+          with memory_targets = "error", minus Σ_v p_t(v) E[v], the embedding the frozen LM expected there
     state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
     ΔW = η · C (G + μ I)⁻¹ P,  μ = λ · tr(G) / n_tokens
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
-resembles one in the context, the residual stream is pushed toward the token that followed there. Why: the trained
+resembles one in the context, the residual stream is pushed toward the token that followed there. The "error" targets
+make it a delta rule, as one gradient step of the next-token loss through the output embedding would: tokens the LM
+already predicted add nothing, so the write keeps what is specific to the text. Why a memory at all: the trained
 generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
 read it far better than another text's (model card, "Stage 17", which also shows what it costs).
 """
@@ -74,21 +77,36 @@ class NextTokenMemory(nn.Module):
         return x if projection is None else x @ projection.to(x.dtype).T
 
     @contextmanager
-    def recording(
+    def capturing(self, modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+        """Inside the block, each forward through a memory module stores its keys P x (N, T, k) in the yielded dict."""
+        keys: dict[str, Tensor] = {}
+
+        def hook(name: str):
+            def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+                keys[name] = self.keys(name, args[0].float())
+
+            return capture
+
+        handles = [modules[name].register_forward_hook(hook(name)) for name in self.module_names]
+        try:
+            yield keys
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def write(
         self,
-        modules: dict[str, nn.Module],
-        values: Tensor,
+        keys: dict[str, Tensor],
+        targets: Tensor,
         mask: Tensor,
         sums: dict[str, Tensor],
         owner: Tensor | None = None,
-    ) -> Iterator[None]:
-        """Inside the block, each forward through a memory module adds its chunks' C and G to `sums`: all into one
-        sum, or chunk n into row owner[n] of sums with a leading context dimension.
-
-        values (N, T, d_out): the output embeddings of the chunk tokens; mask (N, T): 1 on real tokens. Position t
-        pairs with the embedding of t + 1 when both are real tokens."""
+    ) -> None:
+        """Add the chunks' C and G to `sums`: all into one sum, or chunk n into row owner[n] of sums with a leading
+        context dimension. keys (N, T, k) per module from `capturing`; targets (N, T-1, d_out): what position t
+        maps to (built from token t + 1); mask (N, T): 1 on real tokens. A pair counts when both tokens are real."""
         pairs = (mask[:, :-1] * mask[:, 1:]).unsqueeze(-1).float()  # (N, T-1, 1)
-        targets = values[:, 1:].float() * pairs
+        targets = targets.float() * pairs
 
         def add(key: str, per_chunk: Tensor) -> None:
             total = sums[key]
@@ -97,20 +115,10 @@ class NextTokenMemory(nn.Module):
             else:
                 total.index_add_(0, owner.to(total.device), per_chunk.to(total.device))
 
-        def hook(name: str):
-            def record(module: nn.Module, args: tuple, output: Tensor) -> None:
-                keys = self.keys(name, args[0][:, :-1].float()) * pairs  # (N, T-1, k)
-                add(memory_key(name, "values"), torch.einsum("ntd,ntk->ndk", targets, keys))
-                add(memory_key(name, "keys"), torch.einsum("ntj,ntk->njk", keys, keys))
-
-            return record
-
-        handles = [modules[name].register_forward_hook(hook(name)) for name in self.module_names]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        for name in self.module_names:
+            k = keys[name][:, :-1] * pairs  # (N, T-1, k)
+            add(memory_key(name, "values"), torch.einsum("ntd,ntk->ndk", targets, k))
+            add(memory_key(name, "keys"), torch.einsum("ntj,ntk->njk", k, k))
 
     def maps(self, sums: dict[str, Tensor], num_tokens: int | Tensor) -> dict[str, Tensor]:
         """W = η C (G + μI)⁻¹ (..., d_out, k) per memory module, solved in fp64; zero where no token was absorbed.
