@@ -581,6 +581,19 @@ def test_cli_heldout_scores_a_generator_directory(tiny_dirs, tmp_path):
     assert missing.exit_code == 1 and "not a generator directory" in missing.stderr
 
 
+def test_heldout_scores_the_directorys_generator_not_the_runs_overrides(tiny_dirs, tmp_path, monkeypatch):
+    """A generator directory's config says what it is (the shipped memory strength was changed after training);
+    the run's generator_overrides in its train_config.json must not be applied on top of it again."""
+    from genadapter.train import loop
+
+    _, gen = tiny_dirs
+    config = tiny_train_config("unused", tmp_path / "x")
+    saved = {**config.to_dict(), "base": None, "generator_overrides": {"memory_layers": 1}}
+    (gen / "train_config.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(loop.HeldOut, "evaluate", lambda self, ga: {"memory_layers": ga.config.memory_layers})
+    assert loop.evaluate_generator(gen) == {"memory_layers": 0}
+
+
 def test_more_fact_f1_items_extend_the_default_draw():
     from genadapter.train.loop import HeldOut
 

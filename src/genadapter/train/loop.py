@@ -368,10 +368,13 @@ def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None
 
 
 def evaluate_generator(generator_dir: str | Path, fact_f1_items: int = 16) -> dict[str, float]:
-    """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one)."""
+    """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one). The
+    directory's generator_config.json says what the generator is: the training run's `generator_overrides` are
+    already in it, or were changed after training (the shipped memory strength), so they are not applied again."""
     generator_dir = Path(generator_dir)
     saved = generator_dir / "train_config.json"
     values = json.loads(saved.read_text()) if saved.is_file() else {}
+    values.pop("generator_overrides", None)
     recorded_base = json.loads((generator_dir / "generator_config.json").read_text()).get("base_model")
     base = values.get("base") or recorded_base
     config = TrainConfig(**{**values, "base": base, "init_generator": str(generator_dir)})
