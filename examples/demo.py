@@ -54,8 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--memory-layers",
         type=int,
-        default=0,
-        help="switch on the next-token memory in this many last layers (README, 'How it works'; 0: off, as shipped)",
+        default=None,
+        help="the next-token memory in this many last layers instead of the generator's own (README, 'How it works'; "
+        "the shipped one has 15; 0 switches it off)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument(
@@ -65,7 +66,7 @@ def main() -> None:
     console = Console()
 
     started = time.perf_counter()
-    overrides = {"memory_layers": args.memory_layers} if args.memory_layers else None
+    overrides = {"memory_layers": args.memory_layers} if args.memory_layers is not None else None
     ga = GenerativeAdapter.from_pretrained(generator=args.generator, overrides=overrides)
     console.print(f"loaded base model + generator {ga.fingerprint} in {time.perf_counter() - started:.1f}s")
 

@@ -62,7 +62,8 @@ class GenerativeAdapter:
         Without `generator`, the embedded model gets the generator shipped with the package; any other
         base gets an *untrained* generator (zero B: the adapter changes nothing) and a loud warning.
         `overrides` changes config fields of a loaded generator that no weight depends on, e.g.
-        `{"memory_layers": 15}` switches on the next-token memory (README, "How it works").
+        `{"memory_layers": 0}` switches off the next-token memory the shipped generator uses, `{"memory_scale": 4.0}`
+        weakens it (README, "How it works").
         """
         base_name, model, tokenizer = load_base(base, dtype=dtype, device=device)
         if (

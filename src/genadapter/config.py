@@ -71,8 +71,8 @@ class GeneratorConfig:
     memory_layers: int = field(
         default=0,
         metadata={
-            "help": "Next-token memory (memory.py; not in the paper, not trained): write the context's next-token "
-            "associations in closed form into `memory_module` of the last this many layers; 0 turns it off."
+            "help": "Next-token memory (memory.py; not in the paper, no weights of its own): write the context's "
+            "next-token associations in closed form into `memory_module` of the last this many layers; 0 turns it off."
         },
     )
     memory_module: str = field(
