@@ -10,27 +10,11 @@ from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
 MEMORY_TARGETS = ("next", "error")
+MEMORY_FIELDS = ("memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge", "memory_targets")
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
-OVERRIDABLE = (
-    "rank",
-    "value_shift",
-    "memory_layers",
-    "memory_module",
-    "memory_keys",
-    "memory_scale",
-    "memory_ridge",
-    "memory_targets",
-)
+OVERRIDABLE = ("rank", "value_shift", *MEMORY_FIELDS)
 # fields added after release 5: left out of fingerprints while they hold their default
-_LATER_FIELDS = (
-    "value_shift",
-    "memory_layers",
-    "memory_module",
-    "memory_keys",
-    "memory_scale",
-    "memory_ridge",
-    "memory_targets",
-)
+_LATER_FIELDS = ("value_shift", *MEMORY_FIELDS)
 
 
 def check_overrides(overrides: dict) -> None:
