@@ -160,11 +160,12 @@ class GenerativeAdapter:
         """What each position's memory key maps to, (N, T-1, d): the output embedding of the next token, minus with
         memory_targets = "error" the embedding the frozen LM expected (its softmax over final_hidden (N, T, d),
         the normed last hidden state, times the output embeddings)."""
-        embeddings = self.model.get_output_embeddings().weight  # (V, d)
+        head = self.model.get_output_embeddings()
+        embeddings = head.weight  # (V, d)
         ids, _ = self.pad(chunks)
         targets = embeddings[ids[:, 1:]]
         if self.config.memory_targets == "error":
-            probs = torch.softmax(self.model.get_output_embeddings()(final_hidden[:, :-1]).float(), dim=-1)
+            probs = torch.softmax(head(final_hidden[:, :-1]).float(), dim=-1)
             targets = targets.float() - probs @ embeddings.float()
         return targets
 
