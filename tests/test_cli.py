@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TEXT_A, TEXT_B, make_adapter, make_model, make_tokenizer, randomize_b, tiny_config
+from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter, make_model, make_tokenizer, randomize_b, tiny_config
 from typer.testing import CliRunner
 
 import genadapter.adapter
@@ -167,6 +167,43 @@ def test_info_loads_no_model(any_state, monkeypatch):
     monkeypatch.setattr(genadapter.adapter, "load_base", refuse)
     result = run("info", any_state)
     assert result.exit_code == 0, result.output
+
+
+def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_path, texts, tiny_dirs):
+    base, gen = tiny_dirs
+    memory_gen = tmp_path / "memory-gen"
+    GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=MEMORY).generator.save(memory_gen)
+    (memory_gen / "train_config.json").write_text("{}")
+    out = tmp_path / "calibrated"
+    args = (
+        "train",
+        "calibrate",
+        memory_gen,
+        out,
+        "--text",
+        texts[1],
+        "--tokens",
+        20,
+        "--background",
+        3,
+        "--base",
+        base,
+    )
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "calibration.json").read_text())
+    assert record["tokens"] == 20 and record["memory_background"] == 3.0 and (out / "train_config.json").is_file()
+    calibrated = GenerativeAdapter.from_pretrained(base=str(base), generator=out)
+    assert calibrated.config.memory_background == 3.0 and calibrated.generator.memory.calibrated
+    assert calibrated.fingerprint in result.output
+    state_file = tmp_path / "s.gas"
+    assert run("adapt", texts[0], "-o", state_file, "--base", base, "--generator", out).exit_code == 0
+    assert "targets = next, beta = 3.0" in run("info", state_file).output
+
+    assert_error(
+        run("train", "calibrate", gen, tmp_path / "x", "--text", texts[1], "--base", base), "memory_background > 0"
+    )
+    assert_error(run("train", "calibrate", tmp_path, tmp_path / "x", "--base", base), "not a generator directory")
 
 
 # ---- errors: one line on stderr, exit code 1 ----------------------------------------------------

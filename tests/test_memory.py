@@ -38,8 +38,27 @@ def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targe
     captured independently of the library."""
     ga = make_adapter(**MEMORY, memory_targets=targets_kind)
     name = ga.generator.memory.module_names[0]
-    ids = ga.tokenizer(TEXT_B, add_special_tokens=False)["input_ids"]
-    chunks = ga.chunk([ids])
+    chunks, keys, probs = read_with_hook(ga, name, TEXT_B)
+    embeddings = ga.model.get_output_embeddings().weight
+    keys = torch.cat([k[:-1] for k in keys])
+    targets = torch.cat([embeddings[torch.tensor(chunk[1:])] for chunk in chunks])
+    if targets_kind == "error":  # minus the embedding the LM expected: the delta rule
+        targets = targets - torch.cat(probs) @ embeddings
+    C, G = targets.T @ keys, keys.T @ keys
+    ridge = MEMORY.get("memory_ridge", 0.1) * G.trace() / sum(map(len, chunks))
+    expected = MEMORY["memory_scale"] * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
+
+    state = ga.absorb(TEXT_B, batch_size=1)
+    torch.testing.assert_close(state.sums[memory_key(name, "values")], C, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.sums[memory_key(name, "keys")], G, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ga.normalized(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def read_with_hook(ga, name: str, text: str) -> tuple[list[list[int]], list[torch.Tensor], list[torch.Tensor]]:
+    """Independently of the library: a text's chunks, the memory keys P x of module `name` per chunk (T, k), and
+    the LM's next-token distributions per chunk (T-1, V)."""
+    chunks = ga.chunk([ga.tokenizer(text, add_special_tokens=False)["input_ids"]])
     captured, probs = [], []
     module = dict(ga.model.named_modules())[name]
     handle = module.register_forward_hook(lambda m, args, out: captured.append(args[0][0]))
@@ -49,19 +68,74 @@ def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targe
     finally:
         handle.remove()
     projection = ga.generator.memory.projection(name)
-    embeddings = ga.model.get_output_embeddings().weight
-    keys = torch.cat([x[:-1] @ projection.T for x in captured])
-    targets = torch.cat([embeddings[torch.tensor(chunk[1:])] for chunk in chunks])
-    if targets_kind == "error":  # minus the embedding the LM expected: the delta rule
-        targets = targets - torch.cat(probs) @ embeddings
-    C, G = targets.T @ keys, keys.T @ keys
-    ridge = MEMORY.get("memory_ridge", 0.1) * G.trace() / len(ids)
-    expected = MEMORY["memory_scale"] * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
+    return chunks, [x @ projection.T for x in captured], probs
 
-    state = ga.absorb(TEXT_B, batch_size=1)
-    torch.testing.assert_close(state.sums[memory_key(name, "values")], C, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(state.sums[memory_key(name, "keys")], G, rtol=1e-4, atol=1e-4)
+
+BACKGROUND = {**MEMORY, "memory_background": 5.0}
+
+
+@torch.no_grad()
+def test_background_term_adds_beta_times_the_texts_mean_key_gram_to_the_solve():
+    """W = η C (G + μI + βΣ)⁻¹ with Σ the mean k kᵀ over the calibration text, recomputed from the module's inputs."""
+    ga = make_adapter(**BACKGROUND)
+    name = ga.generator.memory.module_names[0]
+    fingerprint = ga.fingerprint
+    assert ga.calibrate_memory([TEXT_A, TEXT_B], batch_size=1) == sum(
+        len(c) for c in ga.chunk(ga.tokenize_context([TEXT_A, TEXT_B]))
+    )
+    assert ga.fingerprint != fingerprint  # adapters of one state change with Σ: states made before do not mix
+    keys = torch.cat(read_with_hook(ga, name, TEXT_A)[1] + read_with_hook(ga, name, TEXT_B)[1])
+    background = keys.T @ keys / len(keys)
+    torch.testing.assert_close(ga.generator.memory.background(name), background, rtol=1e-4, atol=1e-5)
+
+    state = ga.absorb(TEXT_B)
+    G, C = state.sums[memory_key(name, "keys")], state.sums[memory_key(name, "values")]
+    ridge = ga.config.memory_ridge * G.trace() / state.num_tokens
+    expected = ga.config.memory_scale * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)) + 5.0 * background)
     torch.testing.assert_close(ga.normalized(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_background_calibration_reads_at_most_max_tokens_in_order():
+    ga = make_adapter(**BACKGROUND)
+    name = ga.generator.memory.module_names[0]
+    assert ga.calibrate_memory(TEXT_A, max_tokens=7) == 7
+    keys = read_with_hook(ga, name, TEXT_A)[1][0][:7]
+    torch.testing.assert_close(ga.generator.memory.background(name), keys.T @ keys / 7, rtol=1e-4, atol=1e-5)
+
+
+def test_background_without_calibration_or_memory_is_a_clear_error():
+    uncalibrated = make_adapter(**BACKGROUND)
+    with pytest.raises(GenAdapterError, match="calibrate_memory"):
+        uncalibrated.normalized(uncalibrated.absorb(TEXT_A))
+    with pytest.raises(GenAdapterError, match="memory_background > 0"):
+        make_adapter(**MEMORY).calibrate_memory(TEXT_A)
+    with pytest.raises(GenAdapterError, match="no text"):
+        uncalibrated.calibrate_memory("   ")
+    with pytest.raises(GenAdapterError, match="must be 0 or positive"):
+        make_adapter(**MEMORY, memory_background=-1.0)
+
+
+def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_dirs, tmp_path):
+    """Σ travels with the weights; a generator loaded with β = 0 ignores it and is the plain memory generator, and
+    one loaded with β > 0 but no Σ on disk says it needs calibrating when used."""
+    base, gen = tiny_dirs
+    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
+    ga.calibrate_memory(TEXT_A)
+    ga.generator.save(tmp_path / "calibrated")
+    loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated")
+    assert loaded.fingerprint == ga.fingerprint
+    state = ga.absorb(TEXT_B)
+    for key, value in ga.normalized(state).items():
+        torch.testing.assert_close(loaded.normalized(state)[key], value)
+
+    off = GenerativeAdapter.from_pretrained(
+        base=str(base), generator=tmp_path / "calibrated", overrides={"memory_background": 0.0}
+    )
+    plain = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=MEMORY)
+    assert off.fingerprint == plain.fingerprint
+    uncalibrated = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
+    with pytest.raises(GenAdapterError, match="calibrate_memory"):
+        uncalibrated.normalized(uncalibrated.absorb(TEXT_A))
 
 
 def test_memory_off_keeps_release_fingerprints_and_state_format():

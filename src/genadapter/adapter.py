@@ -201,6 +201,43 @@ class GenerativeAdapter:
             state.num_tokens += sum(len(c) for c in batch)
         return state
 
+    @torch.no_grad()
+    def calibrate_memory(
+        self, texts: Context, max_tokens: int = 16384, batch_size: int = 8, progress: bool | None = None
+    ) -> int:
+        """Measure Σ, the mean k kᵀ of the memory keys over `texts` (ordinary text, not a context to absorb), which
+        memory_background weighs in the memory solve; chunks are read in order until `max_tokens`. Returns the
+        number of tokens read. The generator's fingerprint changes with Σ, so states made before do not mix."""
+        memory = self.generator.memory
+        if memory is None or not self.config.memory_background:
+            raise GenAdapterError(
+                "calibrate_memory needs a generator with the next-token memory and memory_background > 0"
+            )
+        if max_tokens < 1 or batch_size < 1:
+            raise GenAdapterError("max_tokens and batch_size must be at least 1")
+        chunks, total = [], 0
+        for chunk in self.chunk(self.tokenize_context(texts)):
+            chunks.append(chunk[: max_tokens - total])
+            total += len(chunks[-1])
+            if total == max_tokens:
+                break
+        if not chunks:
+            raise GenAdapterError("calibrate_memory got no text")
+        modules = dict(self.model.named_modules())
+        widths = {name: memory.key_width(name) for name in memory.module_names}
+        grams = {name: torch.zeros(k, k, dtype=torch.float64) for name, k in widths.items()}
+        starts = range(0, len(chunks), batch_size)
+        show = len(starts) > 1 if progress is None else progress
+        for start in tqdm(starts, desc="calibrating memory", unit="batch", disable=not show):
+            with memory.capturing({name: modules[name] for name in memory.module_names}) as keys:
+                _, mask = self.encode_chunks(chunks[start : start + batch_size])
+            for name in memory.module_names:
+                real = keys[name][mask.bool()].double()  # (tokens, k)
+                grams[name] += (real.T @ real).cpu()
+        memory.set_background(grams, total)
+        self.refresh_fingerprint()
+        return total
+
     # ---- states -> adapters -------------------------------------------------------------------
 
     def check_state(self, state: ContextState) -> None:

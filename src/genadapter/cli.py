@@ -341,7 +341,8 @@ def info(
         (
             "next-token memory",
             f"{get('memory_module')} in {_plural(memory // 2, 'layer')}, k = {get('memory_keys')}, "
-            f"eta = {get('memory_scale')}, lambda = {get('memory_ridge')}"
+            f"eta = {get('memory_scale')}, lambda = {get('memory_ridge')}, "
+            f"targets = {config.get('memory_targets', 'next')}, beta = {config.get('memory_background', 0.0)}"
             if memory
             else "off",
         ),
@@ -432,6 +433,52 @@ def train_heldout(
     if not (generator / "generator_config.json").is_file():
         raise GenAdapterError(f"{generator} is not a generator directory (no generator_config.json)")
     typer.echo(json.dumps(evaluate_generator(generator, fact_f1), indent=2))
+
+
+@train_app.command("calibrate")
+def train_calibrate(
+    generator: Annotated[Path, typer.Argument(metavar="GENERATOR_DIR", help="A generator with the next-token memory.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where to write the calibrated generator.")],
+    background: Annotated[float, typer.Option(help="memory_background (beta, > 0) of the written generator.")] = 64.0,
+    tokens: Annotated[int, typer.Option(min=1, help="Tokens of text Σ is measured on.")] = 16384,
+    text: Annotated[
+        list[Path] | None,
+        typer.Option(metavar="FILE", help="Text files to measure on (default: the pretraining text's training split)."),
+    ] = None,
+    heldout_docs: Annotated[int, typer.Option(help="Wikipedia leads held out of the default text.")] = 200,
+    half: Annotated[bool, typer.Option(help="Save the weights in float16 (as the shipped generator).")] = False,
+    base: BaseOption = EMBEDDED_MODEL,
+) -> None:
+    """Write GENERATOR_DIR's generator with the memory's background term on: Σ measured on ordinary text, beta set."""
+    import json
+    import shutil
+
+    import torch
+
+    from .adapter import GenerativeAdapter
+    from .fileio import write_dir_atomic
+    from .generator import CONFIG_FILE
+
+    if not (generator / CONFIG_FILE).is_file():
+        raise GenAdapterError(f"{generator} is not a generator directory (no {CONFIG_FILE})")
+    if text:
+        texts, source = [read_context(str(path)) for path in text], [str(path) for path in text]
+    else:
+        from .train.data import pretrain_documents
+
+        texts, source = pretrain_documents(heldout_docs), f"pretrain_documents(heldout={heldout_docs})"
+    ga = GenerativeAdapter.from_pretrained(base=base, generator=generator, overrides={"memory_background": background})
+    measured = ga.calibrate_memory(texts, max_tokens=tokens, progress=True)
+    record = {"source": str(generator), "text": source, "tokens": measured, "memory_background": background}
+
+    def write(directory: Path) -> None:
+        ga.generator.save(directory, dtype=torch.float16 if half else torch.float32)
+        if (generator / "train_config.json").is_file():  # how the weights were trained, for `train heldout`
+            shutil.copy(generator / "train_config.json", directory / "train_config.json")
+        (directory / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    write_dir_atomic(out, write, CONFIG_FILE)
+    typer.echo(f"measured Σ on {measured} tokens; wrote {out} (generator {ga.fingerprint})")
 
 
 @train_app.command("oracle")

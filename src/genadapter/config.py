@@ -10,7 +10,15 @@ from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
 MEMORY_TARGETS = ("next", "error")
-MEMORY_FIELDS = ("memory_layers", "memory_module", "memory_keys", "memory_scale", "memory_ridge", "memory_targets")
+MEMORY_FIELDS = (
+    "memory_layers",
+    "memory_module",
+    "memory_keys",
+    "memory_scale",
+    "memory_ridge",
+    "memory_targets",
+    "memory_background",
+)
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 OVERRIDABLE = ("rank", "value_shift", *MEMORY_FIELDS)
 # fields added after release 5: left out of fingerprints while they hold their default
@@ -78,6 +86,15 @@ class GeneratorConfig:
             "stores only what the LM did not already predict."
         },
     )
+    memory_background: float = field(
+        default=0.0,
+        metadata={
+            "help": "beta: weight, in tokens, of ordinary text in the memory solve, W = eta C (G + mu I + beta "
+            "Sigma)^-1 with Sigma the mean k k^T of the keys over ordinary text (`calibrate_memory`). It costs the "
+            "write as if beta tokens of ordinary text had been absorbed with nothing to store, so the memory pushes "
+            "positions that look like any text less than those that look like the context; 0 leaves it out."
+        },
+    )
     norm_eps: float = field(default=1e-6, metadata={"help": "Epsilon of the per-module RMSNorm on H."})
     base_model: str = field(
         default="smollm2-135m-instruct",
@@ -102,6 +119,8 @@ class GeneratorConfig:
             raise GenAdapterError(
                 f"memory_module {self.memory_module!r} must be one of target_modules {self.target_modules}"
             )
+        if self.memory_background < 0:
+            raise GenAdapterError(f"memory_background must be 0 or positive, got {self.memory_background}")
         if self.memory_ridge <= 0:
             raise GenAdapterError(f"memory_ridge must be positive, got {self.memory_ridge}")
         if self.memory_targets not in MEMORY_TARGETS:

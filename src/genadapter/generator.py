@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .config import GeneratorConfig
 from .errors import GenAdapterError, ModelLoadError
-from .memory import NextTokenMemory, memory_modules
+from .memory import BACKGROUND_PREFIX, NextTokenMemory, memory_modules
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
@@ -298,7 +298,11 @@ class AdapterGenerator(nn.Module):
         except Exception as exc:  # safetensors raises several types on corrupt files
             raise ModelLoadError(f"cannot read generator weights {directory / WEIGHTS_FILE}: {exc}") from exc
         own = generator.state_dict()
-        if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+        # Σ of the memory's background term may be missing (measured later: calibrate_memory) or unused (β = 0)
+        optional = {k for k in {*own, *tensors} if k.startswith(f"memory.{BACKGROUND_PREFIX}")}
+        if set(tensors) - optional != set(own) - optional or any(
+            tensors[k].shape != own[k].shape for k in own if k in tensors
+        ):
             raise ModelLoadError(f"generator in {directory} does not fit this base model's modules")
-        generator.load_state_dict({k: v.float() for k, v in tensors.items()})
+        generator.load_state_dict({k: v.float() for k, v in tensors.items() if k in own}, strict=False)
         return generator

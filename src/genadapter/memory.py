@@ -5,9 +5,11 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
     e_t = E[token t+1] (d_out,)   the output embedding of the token that came next (pairs stay within a chunk);
           with memory_targets = "error", minus Σ_v p_t(v) E[v], the embedding the frozen LM expected there
     state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
-    ΔW = η · C (G + μ I)⁻¹ P,  μ = λ · tr(G) / n_tokens
+    ΔW = η · C (G + μ I + β Σ)⁻¹ P,  μ = λ · tr(G) / n_tokens,  Σ = mean k kᵀ over ordinary text (0 unless β > 0)
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
-resembles one in the context, the residual stream is pushed toward the token that followed there. The "error" targets
+resembles one in the context, the residual stream is pushed toward the token that followed there. β Σ adds the cost
+of the map's output on β tokens of ordinary text (β E‖W k‖² over it): directions every text uses are pushed less,
+which is what new text the model reads or writes needs (model card, "Release 7"). The "error" targets
 make it a delta rule, as one gradient step of the next-token loss through the output embedding would: tokens the LM
 already predicted add nothing, so the write keeps what is specific to the text. Why a memory at all: the trained
 generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
@@ -26,6 +28,7 @@ from .config import GeneratorConfig
 from .errors import GenAdapterError
 
 _MEMORY_TAG = ":memory_"
+BACKGROUND_PREFIX = "background_"  # buffer names of Σ, the only memory tensors saved with a generator
 
 
 def memory_key(name: str, part: str) -> str:
@@ -45,11 +48,15 @@ class NextTokenMemory(nn.Module):
         self.config = config
         self.in_features, self.out_features = dict(in_features), dict(out_features)
         self._buffer_names = {name: f"projection_{i}" for i, name in enumerate(self.in_features)}
+        self._background_names = {name: f"{BACKGROUND_PREFIX}{i}" for i, name in enumerate(self.in_features)}
         rng = torch.Generator().manual_seed(config.seed + 1)
         for name, d_in in self.in_features.items():
             if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small; not saved
                 projection = torch.randn(config.memory_keys, d_in, generator=rng) / d_in**0.5
                 self.register_buffer(self._buffer_names[name], projection, persistent=False)
+            if config.memory_background:  # Σ: measured on text by `set_background`, saved with the generator
+                k = self.key_width(name)
+                self.register_buffer(self._background_names[name], torch.zeros(k, k))
 
     @property
     def module_names(self) -> list[str]:
@@ -57,6 +64,24 @@ class NextTokenMemory(nn.Module):
 
     def projection(self, name: str) -> Tensor | None:
         return getattr(self, self._buffer_names[name]) if self.config.memory_keys else None
+
+    def background(self, name: str) -> Tensor:
+        """Σ (k, k) of one module; only when memory_background > 0."""
+        return getattr(self, self._background_names[name])
+
+    @property
+    def calibrated(self) -> bool:
+        return all(bool(self.background(name).diagonal().sum() > 0) for name in self.module_names)
+
+    @torch.no_grad()
+    def set_background(self, key_grams: dict[str, Tensor], num_tokens: int) -> None:
+        """Σ = (Σ_t k_t k_tᵀ) / num_tokens per module, from keys of ordinary text (see calibrate_memory)."""
+        if not self.config.memory_background:
+            raise GenAdapterError("memory_background is 0: this generator has no background term to calibrate")
+        if num_tokens < 1:
+            raise GenAdapterError("calibrating the memory needs at least one token of text")
+        for name in self.module_names:
+            self.background(name).copy_(key_grams[name] / num_tokens)
 
     def key_width(self, name: str) -> int:
         return self.config.memory_keys or self.in_features[name]
@@ -121,8 +146,14 @@ class NextTokenMemory(nn.Module):
             add(memory_key(name, "keys"), torch.einsum("ntj,ntk->njk", k, k))
 
     def maps(self, sums: dict[str, Tensor], num_tokens: int | Tensor) -> dict[str, Tensor]:
-        """W = η C (G + μI)⁻¹ (..., d_out, k) per memory module, solved in fp64; zero where no token was absorbed.
-        num_tokens: an int, or one count per leading index of the sums."""
+        """W = η C (G + μI + βΣ)⁻¹ (..., d_out, k) per memory module, solved in fp64; zero where no token was
+        absorbed. num_tokens: an int, or one count per leading index of the sums."""
+        beta = self.config.memory_background
+        if beta and not self.calibrated:
+            raise GenAdapterError(
+                f"memory_background = {beta} weighs the key statistics of ordinary text, and this generator has none: "
+                "measure them with GenerativeAdapter.calibrate_memory or `genadapter train calibrate`"
+            )
         out = {}
         for name in self.module_names:
             values, keys = sums[memory_key(name, "values")], sums[memory_key(name, "keys")]
@@ -130,10 +161,13 @@ class NextTokenMemory(nn.Module):
             keys64 = keys.double()
             ridge = self.config.memory_ridge * keys64.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
             eye = torch.eye(keys.shape[-1], dtype=torch.float64, device=keys.device)
-            # G + μI is symmetric positive definite: Cholesky. (Batched LU solves also failed inside MKL — "DLASWP
+            # G + μI + βΣ is symmetric positive definite: Cholesky. (Batched LU solves also failed inside MKL — "DLASWP
             # parameter 6" — once the eigh thread pool of generator.py had run.)
-            factor = torch.linalg.cholesky(keys64 + ridge.clamp_min(1e-12)[..., None, None] * eye)
-            solved = torch.cholesky_solve(values.double().mT, factor).mT  # C (G + μI)⁻¹
+            prior = ridge.clamp_min(1e-12)[..., None, None] * eye
+            if beta:
+                prior = prior + beta * self.background(name).to(device=keys.device, dtype=torch.float64)
+            factor = torch.linalg.cholesky(keys64 + prior)
+            solved = torch.cholesky_solve(values.double().mT, factor).mT  # C (G + μI + βΣ)⁻¹
             solved = solved * (tokens > 0)[..., None, None]
             out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
         return out
