@@ -203,11 +203,12 @@ class GenerativeAdapter:
 
     @torch.no_grad()
     def calibrate_memory(
-        self, texts: Context, max_tokens: int = 16384, batch_size: int = 8, progress: bool | None = None
+        self, texts: str | Sequence[str], max_tokens: int = 16384, batch_size: int = 8, progress: bool | None = None
     ) -> int:
         """Measure Σ, the mean k kᵀ of the memory keys over `texts` (ordinary text, not a context to absorb), which
-        memory_background weighs in the memory solve; chunks are read in order until `max_tokens`. Returns the
-        number of tokens read. The generator's fingerprint changes with Σ, so states made before do not mix."""
+        memory_background weighs in the memory solve; chunks are read in order until `max_tokens` (texts past that
+        are not even tokenized). Returns the number of tokens read. The generator's fingerprint changes with Σ,
+        so states made before do not mix."""
         memory = self.generator.memory
         if memory is None or not self.config.memory_background:
             raise GenAdapterError(
@@ -216,9 +217,11 @@ class GenerativeAdapter:
         if max_tokens < 1 or batch_size < 1:
             raise GenAdapterError("max_tokens and batch_size must be at least 1")
         chunks, total = [], 0
-        for chunk in self.chunk(self.tokenize_context(texts)):
-            chunks.append(chunk[: max_tokens - total])
-            total += len(chunks[-1])
+        for text in [texts] if isinstance(texts, str) else texts:
+            for chunk in self.chunk(self.tokenize_context(text)):
+                if total < max_tokens:
+                    chunks.append(chunk[: max_tokens - total])
+                    total += len(chunks[-1])
             if total == max_tokens:
                 break
         if not chunks:
