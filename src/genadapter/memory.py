@@ -9,7 +9,7 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
 resembles one in the context, the residual stream is pushed toward the token that followed there. β Σ adds the cost
 of the map's output on β tokens of ordinary text (β E‖W k‖² over it): directions every text uses are pushed less,
-which is what new text the model reads or writes needs (model card, "Release 7"). The "error" targets
+so new text the model reads or writes is disturbed less (README, "Limits"). The "error" targets
 make it a delta rule, as one gradient step of the next-token loss through the output embedding would: tokens the LM
 already predicted add nothing, so the write keeps what is specific to the text. Why a memory at all: the trained
 generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
