@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -149,11 +149,15 @@ class GenerativeAdapter:
         if memory is None:
             return (*self.encode_chunks(chunks), {})
         sums = memory.empty_sums(rows, self.device)
-        modules = dict(self.model.named_modules())
-        with memory.capturing({name: modules[name] for name in memory.module_names}) as keys:
+        with self.capturing_memory_keys() as keys:
             hidden, mask = self.encode_chunks(chunks)
         memory.write(keys, self.memory_targets(chunks, hidden[-1]), mask, sums, owner)
         return hidden, mask, sums
+
+    def capturing_memory_keys(self) -> AbstractContextManager[dict[str, Tensor]]:
+        """NextTokenMemory.capturing on this model's memory modules: yields {module name: keys (N, T, k)}."""
+        modules = dict(self.model.named_modules())
+        return self.generator.memory.capturing({name: modules[name] for name in self.generator.memory.module_names})
 
     @torch.no_grad()
     def memory_targets(self, chunks: Sequence[Sequence[int]], final_hidden: Tensor) -> Tensor:
@@ -226,13 +230,12 @@ class GenerativeAdapter:
                 break
         if not chunks:
             raise GenAdapterError("calibrate_memory got no text")
-        modules = dict(self.model.named_modules())
         widths = {name: memory.key_width(name) for name in memory.module_names}
         grams = {name: torch.zeros(k, k, dtype=torch.float64) for name, k in widths.items()}
         starts = range(0, len(chunks), batch_size)
         show = len(starts) > 1 if progress is None else progress
         for start in tqdm(starts, desc="calibrating memory", unit="batch", disable=not show):
-            with memory.capturing({name: modules[name] for name in memory.module_names}) as keys:
+            with self.capturing_memory_keys() as keys:
                 _, mask = self.encode_chunks(chunks[start : start + batch_size])
             for name in memory.module_names:
                 real = keys[name][mask.bool()].double()  # (tokens, k)
