@@ -12,12 +12,18 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TEXT_A, TEXT_B, make_adapter, tiny_config
+from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter, tiny_config
 
-from genadapter import formats
+from genadapter import GenerativeAdapter, formats
 from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
-from genadapter.train.data import Example, instruction_examples, metaicl_train_tasks, split_wiki
+from genadapter.train.data import (
+    Example,
+    instruction_examples,
+    metaicl_train_tasks,
+    pretrain_documents,
+    split_wiki,
+)
 from genadapter.train.facts import OpenValues, fact_questions
 from genadapter.train.loop import GeneratorTrainer, TrainingError, build_adapter, forward_backward, train
 from genadapter.train.objectives import (
@@ -479,6 +485,25 @@ def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny
         tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"key_dim": 8})
     with pytest.raises(GenAdapterError, match="init_generator"):
         tiny_train_config(base, tmp_path / "o", generator_overrides={"rank": 3})
+
+
+def test_training_with_a_memory_background_calibrates_it_once_on_training_text(tiny_dirs, tmp_path):
+    """A run that switches memory_background on measures Σ before its first step (on the training split, the same
+    Σ calibrate_memory gives there) and ships it with the weights; it does not fail for want of a calibration."""
+    base, gen = tiny_dirs
+    overrides = {**MEMORY, "memory_background": 3.0}
+    config = tiny_train_config(
+        base, tmp_path / "bg", steps=2, init_generator=str(gen), generator_overrides=overrides, calibration_tokens=40
+    )
+    trained = GenerativeAdapter.from_pretrained(base=str(base), generator=train(config))
+    reference = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=overrides)
+    assert reference.calibrate_memory(pretrain_documents(config.heldout_docs, config.max_documents), 40) == 40
+    memory = trained.generator.memory
+    assert memory.calibrated and trained.config.memory_background == 3.0
+    for name in memory.module_names:
+        torch.testing.assert_close(memory.background(name), reference.generator.memory.background(name))
+    with pytest.raises(GenAdapterError, match="calibration_tokens"):
+        tiny_train_config(base, tmp_path / "o", calibration_tokens=0)
 
 
 def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):

@@ -90,6 +90,13 @@ class TrainConfig:
     max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})
     max_documents: int = field(default=0, metadata={"help": "Cap on pretraining documents (0 = all); for smoke tests."})
     heldout_docs: int = field(default=200, metadata={"help": "Wikipedia leads kept out of training for evaluation."})
+    calibration_tokens: int = field(
+        default=16384,
+        metadata={
+            "help": "Tokens of training text the memory's Σ is measured on before the first step, when the generator "
+            "has memory_background > 0 and no Σ yet (GenerativeAdapter.calibrate_memory)."
+        },
+    )
     eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations."})
     eval_sequences: int = field(default=16, metadata={"help": "Held-out sequences per evaluation."})
     log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
@@ -122,6 +129,8 @@ class TrainConfig:
             raise GenAdapterError("generator_overrides change init_generator; a fresh generator takes `generator`")
         if self.batch_size < 1 or self.micro_batch_size < 0:
             raise GenAdapterError("batch_size must be at least 1 and micro_batch_size 0 (off) or positive")
+        if self.calibration_tokens < 1:
+            raise GenAdapterError("calibration_tokens must be at least 1")
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

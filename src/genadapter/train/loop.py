@@ -246,7 +246,11 @@ def train(config: TrainConfig) -> Path:
         config.save(out / "train_config.json")
     ga.generator.requires_grad_(True).train()
     seq_len = config.num_chunks * ga.config.chunk_size
-    stream = TokenStream(pretrain_documents(config.heldout_docs, config.max_documents), ga.tokenizer)
+    documents = pretrain_documents(config.heldout_docs, config.max_documents)
+    if ga.config.memory_background and not ga.generator.memory.calibrated:
+        # Σ comes from the frozen LM's activations alone, so it is measured once and stays fixed while training.
+        ga.calibrate_memory(documents, config.calibration_tokens, progress=accelerator.is_main_process)
+    stream = TokenStream(documents, ga.tokenizer)
     examples = (
         instruction_examples(config.heldout_docs, config.seed, config.sources, config.facts, config.open_fact_values)
         if config.recipe == "instruct"
