@@ -487,9 +487,10 @@ def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny
         tiny_train_config(base, tmp_path / "o", generator_overrides={"rank": 3})
 
 
-def test_training_with_a_memory_background_calibrates_it_once_on_training_text(tiny_dirs, tmp_path):
+def test_training_with_a_memory_background_calibrates_it_once_on_training_text(tiny_dirs, tmp_path, monkeypatch):
     """A run that switches memory_background on measures Σ before its first step (on the training split, the same
-    Σ calibrate_memory gives there) and ships it with the weights; it does not fail for want of a calibration."""
+    Σ calibrate_memory gives there) and ships it with the weights; it does not fail for want of a calibration, and a
+    resumed run takes Σ from its checkpoint instead of measuring it again."""
     base, gen = tiny_dirs
     overrides = {**MEMORY, "memory_background": 3.0}
     config = tiny_train_config(
@@ -502,6 +503,10 @@ def test_training_with_a_memory_background_calibrates_it_once_on_training_text(t
     assert memory.calibrated and trained.config.memory_background == 3.0
     for name in memory.module_names:
         torch.testing.assert_close(memory.background(name), reference.generator.memory.background(name))
+    monkeypatch.setattr(GenerativeAdapter, "calibrate_memory", lambda *a, **k: pytest.fail("calibrated on resume"))
+    resumed = GenerativeAdapter.from_pretrained(base=str(base), generator=train(config))
+    for name in memory.module_names:
+        torch.testing.assert_close(resumed.generator.memory.background(name), memory.background(name))
     with pytest.raises(GenAdapterError, match="calibration_tokens"):
         tiny_train_config(base, tmp_path / "o", calibration_tokens=0)
 

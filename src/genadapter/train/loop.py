@@ -247,9 +247,6 @@ def train(config: TrainConfig) -> Path:
     ga.generator.requires_grad_(True).train()
     seq_len = config.num_chunks * ga.config.chunk_size
     documents = pretrain_documents(config.heldout_docs, config.max_documents)
-    if ga.config.memory_background and not ga.generator.memory.calibrated:
-        # Σ comes from the frozen LM's activations alone, so it is measured once and stays fixed while training.
-        ga.calibrate_memory(documents, config.calibration_tokens, progress=accelerator.is_main_process)
     stream = TokenStream(documents, ga.tokenizer)
     examples = (
         instruction_examples(config.heldout_docs, config.seed, config.sources, config.facts, config.open_fact_values)
@@ -268,6 +265,10 @@ def train(config: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
         accelerator.print(f"resuming from step {start} ({checkpoint})")
+    elif ga.config.memory_background and not ga.generator.memory.calibrated:
+        # Σ comes from the frozen LM's activations alone: measured once before the first step, then kept in the
+        # checkpoints (a resumed run loads it above instead of measuring it again).
+        ga.calibrate_memory(documents, config.calibration_tokens, progress=accelerator.is_main_process)
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
     log = (out / "log.jsonl").open("a") if accelerator.is_main_process else None
 
