@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from genadapter import GenAdapterError
 from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, eval_app, run_icl, run_knowledge, run_persona
+from genadapter.eval.compare import compare_runs, paired_bootstrap
 from genadapter.eval.engine import Engine
 from genadapter.eval.methods import METHODS, EvalContext, FineTuning, Prompting, SFTConfig
 from genadapter.eval.persona import build_groups, parse_personachat
@@ -133,6 +134,16 @@ def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
     assert resumed["resume"]["skipped_contexts"] == {m: contexts for m in METHODS}
     assert line_count(out / "records.jsonl") == lines  # nothing recomputed
     assert resumed["metrics"] == data["metrics"]
+
+    # the run compared with itself, prompting (B) against closed-book (A), item by item
+    args = ["compare", out, out, "--method", "closed-book", "--method-b", "prompting", "--json", tmp_path / "c.json"]
+    compared = CliRunner().invoke(eval_app, [str(a) for a in args])
+    assert compared.exit_code == 0, compared.output
+    c = json.loads((tmp_path / "c.json").read_text())
+    f1 = data["metrics"]
+    assert c["metric"] == "f1" and c["n"] == f1["prompting"]["n"]
+    assert c["difference"] == pytest.approx(f1["prompting"]["f1"] - f1["closed-book"]["f1"])
+    assert c["low"] <= c["difference"] <= c["high"]
 
 
 def test_knowledge_grouped_news_stream(ga, tmp_path):
@@ -267,3 +278,55 @@ def test_persona_end_to_end(ga, tmp_path):
     assert (tmp_path / "persona" / "cost_vs_length.png").is_file()
     again = run_persona(config, ga=ga)
     assert again["resume"]["skipped_contexts"] == {m: 2 for m in METHODS}
+
+
+# ---- paired comparison of runs --------------------------------------------------------------------
+
+
+def write_records(run, scores, method="genadapter", metric="f1"):
+    run.mkdir()
+    rows = [{"kind": "item", "method": method, "id": i, metric: v, "latency_s": 0.1} for i, v in scores.items()]
+    write_jsonl(run / "records.jsonl", rows)
+    with (run / "records.jsonl").open("a") as fh:
+        fh.write('{"kind": "item", "method": "genadap')  # a line cut short by a killed run is skipped
+    return run
+
+
+def test_paired_bootstrap_interval_and_counts():
+    gen = torch.Generator().manual_seed(0)
+    a = {f"q{i}": float(v) for i, v in enumerate(torch.rand(60, generator=gen) * 100)}
+    b = {k: v + 5.0 for k, v in a.items()}
+    shifted = paired_bootstrap(a, b, seed=1)
+    assert shifted.difference == pytest.approx(5.0) and shifted.low == pytest.approx(5.0) == shifted.high
+    assert shifted.b_better == 60 and shifted.b_worse == 0 and shifted.only_a == shifted.only_b == 0
+
+    noisy = {k: v + float(torch.randn(1, generator=gen)) * 30 for k, v in a.items() if k != "q0"}
+    noisy["extra"] = 1.0
+    c = paired_bootstrap(a, noisy, seed=3)
+    paired = [k for k in a if k in noisy]
+    assert c.n == 59 and c.only_a == 1 and c.only_b == 1
+    assert c.difference == pytest.approx(sum(noisy[k] - a[k] for k in paired) / 59)
+    assert c.low < c.difference < c.high and c.b_better + c.b_worse == 59
+    assert paired_bootstrap(a, noisy, seed=3) == c  # seeded: the same interval again
+    wider = paired_bootstrap(a, noisy, seed=3, confidence=0.99)
+    assert wider.low < c.low and wider.high > c.high
+
+
+def test_compare_runs_reads_records_and_rejects_bad_input(tmp_path):
+    a = write_records(tmp_path / "a", {"x": 0.0, "y": 100.0, "z": 50.0})
+    b = write_records(tmp_path / "b", {"x": 100.0, "y": 100.0, "z": 0.0})
+    c = compare_runs(a, b)
+    assert c.metric == "f1" and c.n == 3 and c.difference == pytest.approx(50 / 3)
+    assert (c.b_better, c.b_worse) == (1, 1)
+    assert compare_runs(a, b, metric="latency_s").difference == pytest.approx(0.0)
+    with pytest.raises(GenAdapterError, match="no records.jsonl"):
+        compare_runs(tmp_path, b)
+    with pytest.raises(GenAdapterError, match="has: genadapter"):
+        compare_runs(a, b, method="prompting")
+    with pytest.raises(GenAdapterError, match="no metric 'accuracy'"):
+        compare_runs(a, b, metric="accuracy")
+    other = write_records(tmp_path / "other", {"w": 1.0})
+    with pytest.raises(GenAdapterError, match="share no scored item"):
+        compare_runs(a, other)
+    result = CliRunner().invoke(eval_app, ["compare", str(a), str(b)])
+    assert result.exit_code == 0 and "over 3 paired items" in result.output and "no clear difference" in result.output

@@ -237,6 +237,37 @@ def persona_command(
     _report(run_persona(config), out, json, "persona")
 
 
+@eval_app.command("compare")
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="--out directory of the first run (the reference).")],
+    run_b: Annotated[Path, typer.Argument(metavar="RUN_B", help="--out directory of the second run.")],
+    method: Annotated[str, typer.Option("--method", help="Method to compare (in both runs).")] = "genadapter",
+    method_b: Annotated[
+        str | None, typer.Option("--method-b", help="Another method for run B, e.g. prompting vs genadapter.")
+    ] = None,
+    metric: Annotated[
+        str | None, typer.Option("--metric", help="Per-item metric (default: f1, accuracy or recall_acc, as present).")
+    ] = None,
+    resamples: Annotated[int, typer.Option("--resamples", min=1, help="Bootstrap resamples.")] = 10_000,
+    confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999)] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    json: JsonOpt = None,
+) -> None:
+    """Paired comparison of two runs item by item: mean difference B − A with a bootstrap interval."""
+    from ..fileio import write_atomic
+    from .compare import compare_runs, comparison_json
+
+    method_b = method_b or method
+    comparison = compare_runs(
+        run_a, run_b, method, method_b, metric, resamples=resamples, confidence=confidence, seed=seed
+    )
+    typer.echo(comparison.describe())
+    if json is not None:
+        text = comparison_json(comparison, run_a, run_b, method, method_b) + "\n"
+        write_atomic(json, lambda path: path.write_text(text))
+        typer.echo(f"wrote {json}", err=True)
+
+
 def __getattr__(name: str):
     """Lazy access to the Python entry points without importing torch for `--help`."""
     lazy = {
@@ -247,6 +278,8 @@ def __getattr__(name: str):
         "run_persona": ("persona", "run_persona"),
         "PersonaConfig": ("persona", "PersonaConfig"),
         "SFTConfig": ("methods", "SFTConfig"),
+        "compare_runs": ("compare", "compare_runs"),
+        "paired_bootstrap": ("compare", "paired_bootstrap"),
     }
     if name in lazy:
         import importlib

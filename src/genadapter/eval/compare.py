@@ -1,0 +1,141 @@
+"""Paired comparison of two evaluation runs: `genadapter eval compare RUN_A RUN_B`.
+
+Two generators asked the same 100 SQuAD questions differ by a few F1 points by chance alone, so a
+difference of means says little. Pairing item by item removes the spread between questions, and a
+bootstrap over the paired differences gives an interval for the mean difference (B − A) without
+assuming a distribution. Items are matched by their id in `records.jsonl`; only items both runs
+scored with the metric count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GenAdapterError
+from .runner import Store
+
+PREFERRED_METRICS = ("f1", "accuracy", "recall_acc", "reply_f1", "em")
+
+
+def item_scores(run: Path, method: str, metric: str | None) -> tuple[dict[str, float], str]:
+    """{item id: metric value} of one method in a run directory, and the metric used (auto: the first preferred)."""
+    path = run / "records.jsonl"
+    if not path.is_file():
+        raise GenAdapterError(f"{run} has no records.jsonl: is it the --out directory of a `genadapter eval` run?")
+    store = Store(run)  # parses records.jsonl as a resumed run would, skipping a line cut short
+    items = [r for (m, _), r in store.items.items() if m == method]
+    if not items:
+        methods = ", ".join(sorted({m for m, _ in store.items})) or "none"
+        raise GenAdapterError(f"{run} has no items of method {method!r} (it has: {methods})")
+    numeric = sorted({k for r in items for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    if metric is None:
+        metric = next((m for m in PREFERRED_METRICS if m in numeric), None)
+        if metric is None:
+            raise GenAdapterError(f"no known metric in {path}; pick one with --metric ({', '.join(numeric)})")
+    elif metric not in numeric:
+        raise GenAdapterError(f"{path} has no metric {metric!r} for {method!r}; it has: {', '.join(numeric)}")
+    return {r["id"]: float(r[metric]) for r in items if metric in r}, metric
+
+
+@dataclass
+class PairedComparison:
+    metric: str
+    n: int  # items scored in both runs
+    only_a: int  # items only run A scored (left out)
+    only_b: int
+    mean_a: float
+    mean_b: float
+    difference: float  # mean of B − A over the paired items
+    low: float  # bootstrap percentile interval of the difference
+    high: float
+    confidence: float
+    b_better: int  # items where B scored higher
+    b_worse: int
+    resamples: int
+    seed: int
+
+    def describe(self) -> str:
+        """One paragraph for a terminal or a results note."""
+        interval = f"{100 * self.confidence:g}% interval [{self.low:+.2f}, {self.high:+.2f}]"
+        verdict = "no clear difference" if self.low <= 0 <= self.high else ("B higher" if self.low > 0 else "B lower")
+        left_out = (
+            f"; {self.only_a} items only in A and {self.only_b} only in B left out"
+            if self.only_a or self.only_b
+            else ""
+        )
+        return (
+            f"{self.metric} over {self.n} paired items: A {self.mean_a:.2f}, B {self.mean_b:.2f}, "
+            f"B − A {self.difference:+.2f}, {interval}: {verdict}. "
+            f"B better on {self.b_better}, worse on {self.b_worse}, tied on {self.n - self.b_better - self.b_worse}"
+            f"{left_out}."
+        )
+
+
+def paired_bootstrap(
+    a: dict[str, float],
+    b: dict[str, float],
+    metric: str = "score",
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare scores keyed by item id: mean difference B − A and its bootstrap percentile interval."""
+    if resamples < 1:
+        raise GenAdapterError("resamples must be at least 1")
+    if not 0 < confidence < 1:
+        raise GenAdapterError(f"confidence must be between 0 and 1, got {confidence}")
+    ids = sorted(a.keys() & b.keys())
+    if not ids:
+        raise GenAdapterError("the two runs share no scored item: were they run on the same data, seed and --limit?")
+    xa = np.array([a[i] for i in ids])
+    xb = np.array([b[i] for i in ids])
+    diff = xb - xa  # [n]
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)  # [resamples]
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return PairedComparison(
+        metric=metric,
+        n=len(ids),
+        only_a=len(a.keys() - b.keys()),
+        only_b=len(b.keys() - a.keys()),
+        mean_a=float(xa.mean()),
+        mean_b=float(xb.mean()),
+        difference=float(diff.mean()),
+        low=float(low),
+        high=float(high),
+        confidence=confidence,
+        b_better=int((diff > 0).sum()),
+        b_worse=int((diff < 0).sum()),
+        resamples=resamples,
+        seed=seed,
+    )
+
+
+def compare_runs(
+    run_a: Path,
+    run_b: Path,
+    method: str = "genadapter",
+    method_b: str | None = None,
+    metric: str | None = None,
+    **bootstrap,
+) -> PairedComparison:
+    """Paired comparison of `method` in run A with `method_b` (default the same) in run B."""
+    a, metric = item_scores(run_a, method, metric)
+    b, _ = item_scores(run_b, method_b or method, metric)
+    return paired_bootstrap(a, b, metric=metric, **bootstrap)
+
+
+def comparison_json(comparison: PairedComparison, run_a: Path, run_b: Path, method: str, method_b: str) -> str:
+    return json.dumps(
+        {
+            "a": {"run": str(run_a), "method": method},
+            "b": {"run": str(run_b), "method": method_b},
+            **asdict(comparison),
+        },
+        indent=2,
+    )
