@@ -11,7 +11,16 @@ from genadapter import GenAdapterError
 from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, eval_app, run_icl, run_knowledge, run_persona
 from genadapter.eval.compare import compare_runs, paired_bootstrap
 from genadapter.eval.engine import Engine
-from genadapter.eval.methods import METHODS, EvalContext, FineTuning, Prompting, SFTConfig
+from genadapter.eval.methods import (
+    METHODS,
+    EvalContext,
+    FineTuning,
+    GenAdapterMethod,
+    Prompting,
+    SFTConfig,
+    UnrelatedAdapterMethod,
+    parse_methods,
+)
 from genadapter.eval.persona import build_groups, parse_personachat
 from genadapter.eval.templates import KNOWLEDGE
 
@@ -98,6 +107,25 @@ def test_sft_restores_the_base_model(ga):
 # ---- knowledge ------------------------------------------------------------------------------------
 
 
+def test_unrelated_control_absorbs_other_text_of_the_context_length(ga):
+    engine = Engine(ga)
+    control = UnrelatedAdapterMethod(engine, 512, unrelated="The river flows north through the old valley. " * 3)
+    context = EvalContext("c1", [LONG])
+    tokens = engine.count(LONG)
+    text = control.unrelated_text(context, tokens)
+    assert text == control.unrelated_text(context, tokens)  # the offset is fixed by the context id
+    assert abs(engine.count(text) - tokens) <= 2 and "Eiffel" not in text  # the short pool wraps around
+    own, other = GenAdapterMethod(engine, 512).adapt(context), control.adapt(context)
+    assert other.context is context and abs(other.state.num_tokens - own.state.num_tokens) <= 2
+    module = next(iter(own.state.sums))
+    assert not torch.allclose(own.state.sums[module], other.state.sums[module])
+    assert control.adapt(EvalContext("empty", ["  "])).state is None
+    assert parse_methods("genadapter, genadapter-unrelated") == ["genadapter", "genadapter-unrelated"]
+    assert parse_methods(None) == list(METHODS)  # the control runs only when asked for
+    with pytest.raises(GenAdapterError, match="genadapter-unrelated"):
+        parse_methods("genadapter,genadapter-other")
+
+
 def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
     base, gen = tiny_dirs
     out = tmp_path / "out"
@@ -154,11 +182,12 @@ def test_knowledge_grouped_news_stream(ga, tmp_path):
     ]
     data = write_jsonl(tmp_path / "tweets.jsonl", rows)
     config = KnowledgeConfig(
-        data=data, out=tmp_path / "out", dev=1, methods=["prompting", "genadapter"], group_tokens=[60, 150],
+        data=data, out=tmp_path / "out", dev=1, methods=["prompting", "genadapter", "genadapter-unrelated"],
+        group_tokens=[60, 150],
         max_new_tokens=3, progress=False, limit=3,
     )  # fmt: skip
     result = run_knowledge(config, ga=ga)
-    for method in ("prompting", "genadapter"):
+    for method in ("prompting", "genadapter", "genadapter-unrelated"):
         assert [row["length"] for row in result["by_length"][method]] == [60, 150]
         assert all(row["n"] <= 3 for row in result["by_length"][method])
     packs = {c["group"]: c["context_tokens"] for c in result["contexts"]}
@@ -285,7 +314,10 @@ def test_persona_end_to_end(ga, tmp_path):
 
 def write_records(run, scores, method="genadapter", metric="f1"):
     run.mkdir()
-    rows = [{"kind": "item", "method": method, "id": i, metric: v, "latency_s": 0.1} for i, v in scores.items()]
+    rows = [
+        {"kind": "item", "method": method, "id": i, metric: v, "k": n % 2, "latency_s": 0.1}
+        for n, (i, v) in enumerate(scores.items())
+    ]
     write_jsonl(run / "records.jsonl", rows)
     with (run / "records.jsonl").open("a") as fh:
         fh.write('{"kind": "item", "method": "genadap')  # a line cut short by a killed run is skipped
@@ -319,6 +351,12 @@ def test_compare_runs_reads_records_and_rejects_bad_input(tmp_path):
     assert c.metric == "f1" and c.n == 3 and c.difference == pytest.approx(50 / 3)
     assert (c.b_better, c.b_worse) == (1, 1)
     assert compare_runs(a, b, metric="latency_s").difference == pytest.approx(0.0)
+    only_x = compare_runs(a, b, only={"k": "0"})  # items x and z
+    assert only_x.n == 2 and only_x.difference == pytest.approx(25.0)
+    with pytest.raises(GenAdapterError, match="no item of 'genadapter'.*k=5"):
+        compare_runs(a, b, only={"k": "5"})
+    with pytest.raises(GenAdapterError, match="no field 'task'"):
+        compare_runs(a, b, only={"task": "x"})
     with pytest.raises(GenAdapterError, match="no records.jsonl"):
         compare_runs(tmp_path, b)
     with pytest.raises(GenAdapterError, match="has: genadapter"):
@@ -330,3 +368,8 @@ def test_compare_runs_reads_records_and_rejects_bad_input(tmp_path):
         compare_runs(a, other)
     result = CliRunner().invoke(eval_app, ["compare", str(a), str(b)])
     assert result.exit_code == 0 and "over 3 paired items" in result.output and "no clear difference" in result.output
+    result = CliRunner().invoke(
+        eval_app, ["compare", str(a), str(b), "--only", "k=1", "--json", str(tmp_path / "c.json")]
+    )
+    assert result.exit_code == 0 and "over 1 paired items" in result.output
+    assert json.loads((tmp_path / "c.json").read_text())["only"] == {"k": "1"}

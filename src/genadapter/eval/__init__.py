@@ -248,6 +248,10 @@ def compare_command(
     metric: Annotated[
         str | None, typer.Option("--metric", help="Per-item metric (default: f1, accuracy or recall_acc, as present).")
     ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", metavar="KEY=VALUE", help="Keep items whose record has this value, e.g. --only k=16."),
+    ] = None,
     resamples: Annotated[int, typer.Option("--resamples", min=1, help="Bootstrap resamples.")] = 10_000,
     confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999)] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
@@ -258,12 +262,15 @@ def compare_command(
     from .compare import compare_runs, comparison_json
 
     method_b = method_b or method
+    if any("=" not in pair for pair in only or []):
+        raise GenAdapterError(f"--only expects KEY=VALUE, got {only}")
+    filters = dict(pair.split("=", 1) for pair in only or [])
     comparison = compare_runs(
-        run_a, run_b, method, method_b, metric, resamples=resamples, confidence=confidence, seed=seed
+        run_a, run_b, method, method_b, metric, filters, resamples=resamples, confidence=confidence, seed=seed
     )
     typer.echo(comparison.describe())
     if json is not None:
-        text = comparison_json(comparison, run_a, run_b, method, method_b) + "\n"
+        text = comparison_json(comparison, run_a, run_b, method, method_b, filters) + "\n"
         write_atomic(json, lambda path: path.write_text(text))
         typer.echo(f"wrote {json}", err=True)
 

@@ -21,8 +21,11 @@ from .runner import Store
 PREFERRED_METRICS = ("f1", "accuracy", "recall_acc", "reply_f1", "em")
 
 
-def item_scores(run: Path, method: str, metric: str | None) -> tuple[dict[str, float], str]:
-    """{item id: metric value} of one method in a run directory, and the metric used (auto: the first preferred)."""
+def item_scores(
+    run: Path, method: str, metric: str | None, only: dict[str, str] | None = None
+) -> tuple[dict[str, float], str]:
+    """{item id: metric value} of one method in a run directory, and the metric used (auto: the first preferred).
+    `only` keeps the items whose record fields have the given values (compared as text, e.g. {"k": "16"})."""
     path = run / "records.jsonl"
     if not path.is_file():
         raise GenAdapterError(f"{run} has no records.jsonl: is it the --out directory of a `genadapter eval` run?")
@@ -31,6 +34,12 @@ def item_scores(run: Path, method: str, metric: str | None) -> tuple[dict[str, f
     if not items:
         methods = ", ".join(sorted({m for m, _ in store.items})) or "none"
         raise GenAdapterError(f"{run} has no items of method {method!r} (it has: {methods})")
+    for key, value in (only or {}).items():
+        if not any(key in r for r in items):
+            raise GenAdapterError(f"the items of {method!r} in {run} have no field {key!r}")
+        items = [r for r in items if str(r.get(key)) == value]
+        if not items:
+            raise GenAdapterError(f"no item of {method!r} in {run} has {key}={value}")
     numeric = sorted({k for r in items for k, v in r.items() if isinstance(v, int | float) and not isinstance(v, bool)})
     if metric is None:
         metric = next((m for m in PREFERRED_METRICS if m in numeric), None)
@@ -122,19 +131,23 @@ def compare_runs(
     method: str = "genadapter",
     method_b: str | None = None,
     metric: str | None = None,
+    only: dict[str, str] | None = None,
     **bootstrap,
 ) -> PairedComparison:
     """Paired comparison of `method` in run A with `method_b` (default the same) in run B."""
-    a, metric = item_scores(run_a, method, metric)
-    b, _ = item_scores(run_b, method_b or method, metric)
+    a, metric = item_scores(run_a, method, metric, only)
+    b, _ = item_scores(run_b, method_b or method, metric, only)
     return paired_bootstrap(a, b, metric=metric, **bootstrap)
 
 
-def comparison_json(comparison: PairedComparison, run_a: Path, run_b: Path, method: str, method_b: str) -> str:
+def comparison_json(
+    comparison: PairedComparison, run_a: Path, run_b: Path, method: str, method_b: str, only: dict | None = None
+) -> str:
     return json.dumps(
         {
             "a": {"run": str(run_a), "method": method},
             "b": {"run": str(run_b), "method": method_b},
+            "only": only or {},
             **asdict(comparison),
         },
         indent=2,

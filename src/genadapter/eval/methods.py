@@ -1,9 +1,12 @@
-"""The four methods compared in every scenario, behind one interface.
+"""The four methods compared in every scenario, behind one interface, and one control.
 
 - `closed-book`: the base LM with the question alone.
 - `prompting`: the context in the prompt (`formats.with_context`), cut from the LEFT to fit the window.
 - `sft`: test-time fine-tuning of a PEFT LoRA on the context tokens (next-token loss), removed afterwards.
 - `genadapter`: `ga.absorb(context)`, then the question alone with the generated adapter.
+- `genadapter-unrelated` (a control, only when asked for): the same with the adapter of unrelated text of
+  the context's length (held-out Wikipedia leads). What genadapter gains over it comes from the
+  context's content; what it shares with it, any adapter would give.
 
 All four build prompts from the same templates and answer through the same `Engine` (same chat format,
 same greedy decoding, same option scoring); they differ only in what they do with the context.
@@ -28,14 +31,16 @@ from .engine import Engine
 from .templates import Template
 
 METHODS = ("closed-book", "prompting", "sft", "genadapter")
+CONTROLS = ("genadapter-unrelated",)  # run only when named in --methods
 
 
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
     names = [m.strip() for m in spec.split(",")] if isinstance(spec, str) else list(spec or METHODS)
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in METHODS + CONTROLS]
     if unknown or not names:
-        raise GenAdapterError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+        known = ", ".join(METHODS + CONTROLS)
+        raise GenAdapterError(f"unknown method(s) {unknown or names}; choose from {known}")
     return list(dict.fromkeys(names))
 
 
@@ -348,8 +353,48 @@ class GenAdapterMethod(Method):
         return base + generator_flops(self.ga.generator, 0)[1] * tokens
 
 
+class UnrelatedAdapterMethod(GenAdapterMethod):
+    """Control: the adapter of unrelated text as long as the context (in tokens), in place of the context's."""
+
+    name = "genadapter-unrelated"
+
+    def __init__(self, engine: Engine, window: int, unrelated: str | None = None):
+        super().__init__(engine, window)
+        self._unrelated = unrelated  # default: held-out Wikipedia leads, read on first use
+        self._pool: list[int] = []
+
+    def unrelated_text(self, context: EvalContext, tokens: int) -> str:
+        """`tokens` tokens of the unrelated text, starting at an offset fixed by the context id."""
+        if not self._pool:
+            if self._unrelated is None:
+                from ..train.config import TrainConfig
+                from ..train.data import split_wiki
+
+                _, heldout = split_wiki(TrainConfig.heldout_docs)  # leads no training run saw
+                self._unrelated = "\n\n".join(lead for _, lead in heldout)
+            self._pool = self.engine.tokens(self._unrelated)
+            if not self._pool:
+                raise GenAdapterError("the unrelated text of the genadapter-unrelated control is empty")
+        start = random.Random(context.id).randrange(len(self._pool))
+        repeats = (start + tokens) // len(self._pool) + 1
+        return self.ga.tokenizer.decode((self._pool * repeats)[start : start + tokens])
+
+    def adapt(self, context: EvalContext) -> Adapted:
+        tokens = self.engine.count(context.text) if not context.empty else 0
+        if not tokens:
+            return Adapted(context)
+        adapted = super().adapt(EvalContext(context.id, [self.unrelated_text(context, tokens)]))
+        adapted.context = context
+        return adapted
+
+
 def make_methods(names: Sequence[str], engine: Engine, window: int, sft: SFTConfig | None = None) -> list[Method]:
-    classes = {"closed-book": ClosedBook, "prompting": Prompting, "genadapter": GenAdapterMethod}
+    classes = {
+        "closed-book": ClosedBook,
+        "prompting": Prompting,
+        "genadapter": GenAdapterMethod,
+        "genadapter-unrelated": UnrelatedAdapterMethod,
+    }
     out: list[Method] = []
     for name in parse_methods(list(names)):
         out.append(FineTuning(engine, window, sft) if name == "sft" else classes[name](engine, window))
