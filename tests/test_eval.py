@@ -373,3 +373,5 @@ def test_compare_runs_reads_records_and_rejects_bad_input(tmp_path):
     )
     assert result.exit_code == 0 and "over 1 paired items" in result.output
     assert json.loads((tmp_path / "c.json").read_text())["only"] == {"k": "1"}
+    result = CliRunner().invoke(eval_app, ["compare", str(a), str(b), "--only", "k"])
+    assert isinstance(result.exception, GenAdapterError) and "--only expects KEY=VALUE" in str(result.exception)

@@ -364,18 +364,9 @@ SetOption = Annotated[
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
-    import json
+    from .config import parse_pairs
 
-    values = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise GenAdapterError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
+    return parse_pairs(pairs, "--set")
 
 
 def _train_config(config: Path | None, values: dict):

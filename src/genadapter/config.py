@@ -1,10 +1,13 @@
-"""Typed configuration of an adapter generator; saved as JSON next to every generator."""
+"""Typed configuration of an adapter generator, saved as JSON next to every generator; and the KEY=VALUE
+parsing that the command line's config options (`--set`, `--sft`, `--only`) share."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from .errors import GenAdapterError
 
@@ -23,6 +26,22 @@ MEMORY_FIELDS = (
 OVERRIDABLE = ("rank", "value_shift", *MEMORY_FIELDS)
 # fields added after release 5: left out of fingerprints while they hold their default
 _LATER_FIELDS = ("value_shift", *MEMORY_FIELDS)
+
+
+def parse_pairs(pairs: Sequence[str] | None, option: str, as_json: bool = True) -> dict[str, Any]:
+    """`KEY=VALUE` strings of a command-line option as a dict; VALUE parsed as JSON when it can be (`as_json`)."""
+    values: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise GenAdapterError(f"{option} expects KEY=VALUE, got {pair!r}")
+        values[key] = raw
+        if as_json:
+            try:
+                values[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                pass  # a plain string
+    return values
 
 
 def check_overrides(overrides: dict) -> None:

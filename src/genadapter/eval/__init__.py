@@ -258,13 +258,12 @@ def compare_command(
     json: JsonOpt = None,
 ) -> None:
     """Paired comparison of two runs item by item: mean difference B − A with a bootstrap interval."""
+    from ..config import parse_pairs
     from ..fileio import write_atomic
     from .compare import compare_runs, comparison_json
 
     method_b = method_b or method
-    if any("=" not in pair for pair in only or []):
-        raise GenAdapterError(f"--only expects KEY=VALUE, got {only}")
-    filters = dict(pair.split("=", 1) for pair in only or [])
+    filters = parse_pairs(only, "--only", as_json=False)  # compared as text with the records' fields
     comparison = compare_runs(
         run_a, run_b, method, method_b, metric, filters, resamples=resamples, confidence=confidence, seed=seed
     )

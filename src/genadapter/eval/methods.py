@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import formats
+from ..config import parse_pairs
 from ..errors import GenAdapterError
 from ..state import ContextState
 from .costs import generator_flops
@@ -71,18 +72,11 @@ class SFTConfig:
     @classmethod
     def from_pairs(cls, pairs: Sequence[str] | None) -> SFTConfig:
         """From `KEY=VALUE` strings (VALUE parsed as JSON when it can be), e.g. `epochs=5`."""
-        import json
-
         known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for pair in pairs or []:
-            key, sep, raw = pair.partition("=")
-            if not sep or key not in known:
-                raise GenAdapterError(f"--sft expects KEY=VALUE with KEY one of {sorted(known)}, got {pair!r}")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                values[key] = raw
+        values = parse_pairs(pairs, "--sft")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GenAdapterError(f"--sft expects KEY=VALUE with KEY one of {sorted(known)}, got {', '.join(unknown)}")
         try:
             return cls(**values)
         except TypeError as exc:
