@@ -5,7 +5,7 @@ state, and per-answer latency + memory of (a) the adapted model with the questio
 base model prompted with the whole context (left-truncated to the model's window). Prints a markdown
 table and writes JSON.
 
-    python bench/adapt_cost.py --json bench/results/adapt_cost.json
+    python -m bench.adapt_cost --json bench/results/adapt_cost.json
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.memory import measure  # noqa: E402
-from genadapter import GenerativeAdapter, formats  # noqa: E402
-from genadapter.train.data import wiki_leads  # noqa: E402
+from bench.peak_rss import measure
+from genadapter import GenerativeAdapter, formats
+from genadapter.data import wiki_leads
 
 QUESTION = "What is the first topic of the text about?"
 

@@ -1,11 +1,11 @@
 """The eigendecomposition behind SVD normalisation: one `torch.linalg.eigh` call on a batch of R×R fp64 Gram
-matrices vs `_batched_eigh` (the batch split across CPU threads), in one run on the same random matrices.
+matrices vs `batched_eigh` (the batch split across CPU threads), in one run on the same random matrices.
 
 Why it matters: a training step normalises batch · chunks · modules states (7,680 for 32 sequences of 4 chunks on
 SmolLM2's 60 modules); both ATen's CPU eigh and cuSOLVER beyond 32×32 solve them one at a time.
 
-    python bench/eigh.py --device cuda --count 7680     # on a GPU machine
-    python bench/eigh.py --count 960 --json bench/results/eigh.json
+    python -m bench.eigh --device cuda --count 7680     # on a GPU machine
+    python -m bench.eigh --count 960 --json bench/results/eigh.json
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from genadapter.generator import _batched_eigh  # noqa: E402
+from genadapter.generator import batched_eigh
 
 
 def timed(fn, gram: torch.Tensor, repeats: int) -> float:
@@ -50,7 +48,7 @@ def main() -> None:
     states = torch.randn(args.count, args.size, args.size, dtype=torch.float64, device=args.device)
     gram = states.mT @ states
     one_call = timed(torch.linalg.eigh, gram, args.repeats)
-    split = timed(_batched_eigh, gram, args.repeats)
+    split = timed(batched_eigh, gram, args.repeats)
     result = {
         "device": args.device,
         "matrices": args.count,

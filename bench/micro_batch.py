@@ -5,7 +5,7 @@ one's peak): load the embedded SmolLM2 with a fresh generator, one warm-up step,
 (forward + backward through `forward_backward`, the training loop's own step). Reports the median time, the
 peak RSS above the RSS after loading, and the loss, which must agree across settings. Writes JSON.
 
-    python bench/micro_batch.py --json bench/results/micro_batch.json
+    python -m bench.micro_batch --json bench/results/micro_batch.json
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.memory import measure  # noqa: E402
+from bench.peak_rss import measure
 
 
 def one_setting(micro_batch_size: int, batch_size: int, repeats: int) -> dict:
     from accelerate import Accelerator
 
     from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig
-    from genadapter.models import load_base
+    from genadapter.base_model import load_base
     from genadapter.train import TrainConfig
     from genadapter.train.loop import GeneratorTrainer, forward_backward
 
@@ -72,7 +71,7 @@ def main() -> None:
         return
     rows = []
     for micro in (int(m) for m in args.micro.split(",")):
-        child = [sys.executable, __file__, "--one", str(micro), "--batch-size", str(args.batch_size)]
+        child = [sys.executable, "-m", "bench.micro_batch", "--one", str(micro), "--batch-size", str(args.batch_size)]
         out = subprocess.run([*child, "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         row["median_s"] = statistics.median(row["times_s"])

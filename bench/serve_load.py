@@ -8,7 +8,7 @@ request is an error (exit code 1). Prints a markdown table and writes JSON.
 By default the model is the tiny random test-style model (built here, saved to a temp dir: seconds);
 --real uses the embedded SmolLM2 with its shipped generator.
 
-    python bench/serve_load.py [--real] [--json bench/results/serve_load.json]
+    python -m bench.serve_load [--real] [--json bench/results/serve_load.json]
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from genadapter.serve.launch import ServerProcess  # noqa: E402
+from genadapter.serve.launch import ServerProcess
+from genadapter.testing import save_tiny_dirs
 
 MODES = {"batched": 16, "one at a time": 1}  # mode -> max_batch
 TOPICS = ["river", "castle", "violin", "glacier", "lantern", "orchard", "comet", "harbor"]
@@ -40,8 +39,6 @@ def context_text(i: int) -> str:
 
 
 def tiny_model(directory: Path) -> tuple[Path, Path]:
-    from conftest import save_tiny_dirs  # the tests' tiny random llama and byte tokenizer
-
     return save_tiny_dirs(directory)
 
 

@@ -5,7 +5,7 @@ context chunks plus a forward+backward of the frozen LM over the same target tok
 input embeddings only). Generator step: `pretrain_losses` + backward into the generator. Steps alternate,
 median of `--repeats`; prints the ratio and writes JSON.
 
-    python bench/train_step.py --json bench/results/train_step.json
+    python -m bench.train_step --json bench/results/train_step.json
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig  # noqa: E402
-from genadapter.models import load_base  # noqa: E402
-from genadapter.train import TrainConfig  # noqa: E402
-from genadapter.train.objectives import linear_cross_entropy, next_token_positions, pretrain_losses  # noqa: E402
+from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig
+from genadapter.base_model import load_base
+from genadapter.train import TrainConfig
+from genadapter.train.objectives import linear_cross_entropy, next_token_positions, pretrain_losses
 
 
 def main() -> None:

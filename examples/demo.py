@@ -55,7 +55,7 @@ def main() -> None:
         "--memory-layers",
         type=int,
         default=None,
-        help="the next-token memory in this many last layers instead of the generator's own (README, 'How it works'; "
+        help="the next-token memory in this many last layers instead of the generator's own (docs/design.md; "
         "the shipped one has 15; 0 switches it off)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=24)

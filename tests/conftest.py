@@ -1,75 +1,24 @@
-"""Tiny random llama-style models and a byte-level tokenizer built in-process: fast, offline, seeded."""
+"""Pytest fixtures over the tiny random models of `genadapter.testing`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from genadapter import AdapterGenerator, GenerativeAdapter, GeneratorConfig
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from genadapter import GenerativeAdapter
+from genadapter.testing import (  # noqa: F401  (re-exported: tests import them from conftest)
+    TEXT_A,
+    TEXT_B,
+    make_adapter,
+    make_model,
+    make_tokenizer,
+    randomize_b,
+    save_tiny_dirs,
+    tiny_config,
 )
+
 # Tiny models gain nothing from threads, and oversubscribed OpenMP threads stall a 2-core machine.
 torch.set_num_threads(1)
-
-TEXT_A = "The Eiffel Tower is in Paris. It was finished in 1889 and is 330 metres tall. " * 3
-TEXT_B = "Marie Curie won two Nobel prizes, in physics in 1903 and in chemistry in 1911."
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
-def tiny_config(**overrides) -> GeneratorConfig:
-    values = dict(key_dim=8, value_dim=8, rank=8, chunk_size=16, alpha=8.0, base_model="tiny")
-    values.update(overrides)
-    return GeneratorConfig(**values)
-
-
-def randomize_b(generator: AdapterGenerator, seed: int = 1, std: float = 0.5) -> None:
-    """Give B non-zero values so adapters change outputs (as a trained generator would)."""
-    rng = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in generator.blocks.values():
-            block.B.copy_(torch.randn(block.B.shape, generator=rng) * std)
-
-
-def make_adapter(trained: bool = True, **config_overrides) -> GenerativeAdapter:
-    tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer))
-    generator = AdapterGenerator.for_model(model, tiny_config(**config_overrides))
-    if trained:
-        randomize_b(generator)
-    return GenerativeAdapter(model, tokenizer, generator, "tiny")
-
 
 MEMORY = {"memory_layers": 1, "memory_keys": 8, "memory_scale": 2.0}  # next-token memory in the last tiny layer
 
@@ -77,17 +26,6 @@ MEMORY = {"memory_layers": 1, "memory_keys": 8, "memory_scale": 2.0}  # next-tok
 @pytest.fixture(params=[{}, MEMORY], ids=["generator", "with-memory"])
 def ga(request) -> GenerativeAdapter:
     return make_adapter(**request.param)
-
-
-def save_tiny_dirs(directory) -> tuple:
-    """A tiny base model and a generator saved under `directory`, as the CLI and from_pretrained load them."""
-    adapter = make_adapter()
-    base, gen = directory / "base", directory / "gen"
-    adapter.model.save_pretrained(base)
-    adapter.tokenizer.save_pretrained(base)
-    adapter.generator.config.base_model = str(base)
-    adapter.generator.save(gen)
-    return base, gen
 
 
 @pytest.fixture

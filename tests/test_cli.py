@@ -186,6 +186,8 @@ def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_pa
         20,
         "--background",
         3,
+        "--memory-scale",
+        5,
         "--base",
         base,
     )
@@ -195,6 +197,7 @@ def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_pa
     assert record["tokens"] == 20 and record["memory_background"] == 3.0 and (out / "train_config.json").is_file()
     calibrated = GenerativeAdapter.from_pretrained(base=str(base), generator=out)
     assert calibrated.config.memory_background == 3.0 and calibrated.generator.memory.calibrated
+    assert calibrated.config.memory_scale == 5.0  # MEMORY trained at 2.0: the strength it ships at is set here
     assert calibrated.fingerprint in result.output
     state_file = tmp_path / "s.gas"
     assert run("adapt", texts[0], "-o", state_file, "--base", base, "--generator", out).exit_code == 0

@@ -116,7 +116,7 @@ def test_wrong_number_of_states_is_a_clear_error(ga):
 
 def test_frobenius_normalisation_runs(ga):
     ga2 = make_adapter(normalization="frobenius")
-    norms = ga2.normalized(ga2.absorb(TEXT_A))
+    norms = ga2.adapter_factors(ga2.absorb(TEXT_A))
     assert all(torch.linalg.matrix_norm(v).item() == pytest.approx(1.0, abs=1e-5) for v in norms.values())
 
 
@@ -134,7 +134,7 @@ def test_embedded_model_always_ends_turns_with_im_end(tmp_path, monkeypatch):
     from conftest import save_tiny_dirs
     from transformers import AutoTokenizer
 
-    import genadapter.models as models
+    import genadapter.base_model as models
 
     base, _ = save_tiny_dirs(tmp_path)
     converted = AutoTokenizer.from_pretrained(base)

@@ -8,7 +8,8 @@ from conftest import TEXT_A, make_adapter
 from typer.testing import CliRunner
 
 from genadapter import GenAdapterError
-from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, eval_app, run_icl, run_knowledge, run_persona
+from genadapter.cli.eval import eval_app
+from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, run_icl, run_knowledge, run_persona
 from genadapter.eval.compare import compare_runs, paired_bootstrap
 from genadapter.eval.engine import Engine
 from genadapter.eval.methods import (

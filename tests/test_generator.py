@@ -96,7 +96,7 @@ def test_chunk_states_follow_the_per_module_formula(shift):
 
 def test_value_shift_pairs_never_cross_chunks_and_keep_release_fingerprints():
     """A chunk no longer than the shift has no pair (zero state); the shift changes the fingerprint, while the
-    default (a field added after release 5) leaves fingerprints as they were."""
+    default (a field added after the first generators shipped) leaves fingerprints as they were."""
     ga = make_adapter(trained=False, chunk_size=2, value_shift=2)
     hidden, mask = ga.encode_chunks(ga.chunk([ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:6]]))
     assert all(torch.equal(s, torch.zeros_like(s)) for s in ga.generator.chunk_states(hidden, mask).values())

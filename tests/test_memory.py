@@ -51,7 +51,7 @@ def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targe
     state = ga.absorb(TEXT_B, batch_size=1)
     torch.testing.assert_close(state.sums[memory_key(name, "values")], C, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state.sums[memory_key(name, "keys")], G, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ga.normalized(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ga.adapter_factors(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def test_background_term_adds_beta_times_the_texts_mean_key_gram_to_the_solve():
     G, C = state.sums[memory_key(name, "keys")], state.sums[memory_key(name, "values")]
     ridge = ga.config.memory_ridge * G.trace() / state.num_tokens
     expected = ga.config.memory_scale * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)) + 5.0 * background)
-    torch.testing.assert_close(ga.normalized(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(ga.adapter_factors(state)[memory_key(name, "map")], expected, rtol=1e-3, atol=1e-4)
 
 
 def test_background_calibration_reads_at_most_max_tokens_in_order():
@@ -106,7 +106,7 @@ def test_background_calibration_reads_at_most_max_tokens_in_order():
 def test_background_without_calibration_or_memory_is_a_clear_error():
     uncalibrated = make_adapter(**BACKGROUND)
     with pytest.raises(GenAdapterError, match="calibrate_memory"):
-        uncalibrated.normalized(uncalibrated.absorb(TEXT_A))
+        uncalibrated.adapter_factors(uncalibrated.absorb(TEXT_A))
     with pytest.raises(GenAdapterError, match="memory_background > 0"):
         make_adapter(**MEMORY).calibrate_memory(TEXT_A)
     with pytest.raises(GenAdapterError, match="no text"):
@@ -125,8 +125,8 @@ def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_
     loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated")
     assert loaded.fingerprint == ga.fingerprint
     state = ga.absorb(TEXT_B)
-    for key, value in ga.normalized(state).items():
-        torch.testing.assert_close(loaded.normalized(state)[key], value)
+    for key, value in ga.adapter_factors(state).items():
+        torch.testing.assert_close(loaded.adapter_factors(state)[key], value)
 
     off = GenerativeAdapter.from_pretrained(
         base=str(base), generator=tmp_path / "calibrated", overrides={"memory_background": 0.0}
@@ -135,7 +135,7 @@ def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_
     assert off.fingerprint == plain.fingerprint
     uncalibrated = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
     with pytest.raises(GenAdapterError, match="calibrate_memory"):
-        uncalibrated.normalized(uncalibrated.absorb(TEXT_A))
+        uncalibrated.adapter_factors(uncalibrated.absorb(TEXT_A))
 
 
 def test_memory_off_keeps_release_fingerprints_and_state_format():
@@ -168,12 +168,12 @@ def test_more_memory_layers_than_the_model_has_is_a_clear_error():
 
 @pytest.mark.parametrize("targets_kind", ["next", "error"])
 def test_training_reads_the_same_memory_as_inference(targets_kind):
-    """The adapters training builds for a context (instruct path) are those absorb + normalized give, and in
+    """The adapters training builds for a context (instruct path) are those absorb + adapter_factors give, and in
     pretraining the memory of the text seen so far lowers the reconstruction loss of spans of that text."""
     ga = make_adapter(trained=False, memory_layers=2, memory_keys=0, memory_scale=4.0, memory_targets=targets_kind)
     ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:64]
     trained_on = context_adapters(ga, [[ids]])
-    used = ga.normalized(ga.absorb(ids))
+    used = ga.adapter_factors(ga.absorb(ids))
     assert trained_on.keys() == used.keys()
     for key, value in used.items():
         torch.testing.assert_close(trained_on[key][0], value, rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter, tiny_config
 
 from genadapter import GenerativeAdapter, formats
+from genadapter.data import split_wiki
 from genadapter.errors import GenAdapterError
 from genadapter.train import TrainConfig
 from genadapter.train.data import (
@@ -22,7 +23,6 @@ from genadapter.train.data import (
     instruction_examples,
     metaicl_train_tasks,
     pretrain_documents,
-    split_wiki,
 )
 from genadapter.train.facts import OpenValues, fact_questions
 from genadapter.train.loop import GeneratorTrainer, TrainingError, build_adapter, forward_backward, train
@@ -329,7 +329,7 @@ def test_fact_draws_use_open_values_of_their_half_only():
     from genadapter.train.facts import FactRandom
 
     assert fact_questions(FactRandom(5), 60) == fact_questions(random.Random(5), 60)  # no values: the lists only
-    # and exactly what stages 7-10 drew before open values existed (answers recorded from commit 8dd3b89)
+    # and exactly what the generator drew before open values existed (answers recorded from commit 8dd3b89)
     recorded = ["6 hours", "glassware", "728", "salt", "porcelain", "Luca Halloran", "Stougrend", "Chen Kipos"]
     assert [answer for _, _, answer in fact_questions(random.Random(0), 8)] == recorded
     train_values, heldout_values = _open_values(False), _open_values(True)

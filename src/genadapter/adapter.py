@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,13 +14,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .base_model import EMBEDDED_MODEL, load_base
 from .config import GeneratorConfig
 from .errors import GenAdapterError, IncompatibleStateError
 from .fileio import PEFT_MARKER, write_dir_atomic
 from .generator import AdapterGenerator
 from .inject import AdapterInjector
 from .memory import memory_key
-from .models import EMBEDDED_MODEL, load_base
 from .state import ContextState
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class GenerativeAdapter:
         base gets an *untrained* generator (zero B: the adapter changes nothing) and a loud warning.
         `overrides` changes config fields of a loaded generator that no weight depends on, e.g.
         `{"memory_layers": 0}` switches off the next-token memory the shipped generator uses, `{"memory_scale": 4.0}`
-        weakens it (README, "How it works").
+        weakens it (docs/design.md, "Next-token memory").
         """
         base_name, model, tokenizer = load_base(base, dtype=dtype, device=device)
         if (
@@ -149,29 +149,11 @@ class GenerativeAdapter:
         if memory is None:
             return (*self.encode_chunks(chunks), {})
         sums = memory.empty_sums(rows, self.device)
-        with self.capturing_memory_keys() as keys:
+        with memory.capturing(self.model) as keys:
             hidden, mask = self.encode_chunks(chunks)
-        memory.write(keys, self.memory_targets(chunks, hidden[-1]), mask, sums, owner)
+        targets = memory.targets(self.model.get_output_embeddings(), self.pad(chunks)[0], hidden[-1])
+        memory.write(keys, targets, mask, sums, owner)
         return hidden, mask, sums
-
-    def capturing_memory_keys(self) -> AbstractContextManager[dict[str, Tensor]]:
-        """NextTokenMemory.capturing on this model's memory modules: yields {module name: keys (N, T, k)}."""
-        modules = dict(self.model.named_modules())
-        return self.generator.memory.capturing({name: modules[name] for name in self.generator.memory.module_names})
-
-    @torch.no_grad()
-    def memory_targets(self, chunks: Sequence[Sequence[int]], final_hidden: Tensor) -> Tensor:
-        """What each position's memory key maps to, (N, T-1, d): the output embedding of the next token, minus with
-        memory_targets = "error" the embedding the frozen LM expected (its softmax over final_hidden (N, T, d),
-        the normed last hidden state, times the output embeddings)."""
-        head = self.model.get_output_embeddings()
-        embeddings = head.weight  # (V, d)
-        ids, _ = self.pad(chunks)
-        targets = embeddings[ids[:, 1:]]
-        if self.config.memory_targets == "error":
-            probs = torch.softmax(head(final_hidden[:, :-1]).float(), dim=-1)
-            targets = targets.float() - probs @ embeddings.float()
-        return targets
 
     def empty_state(self) -> ContextState:
         r1, r2 = self.config.key_dim, self.config.value_dim
@@ -230,17 +212,11 @@ class GenerativeAdapter:
                 break
         if not chunks:
             raise GenAdapterError("calibrate_memory got no text")
-        widths = {name: memory.key_width(name) for name in memory.module_names}
-        grams = {name: torch.zeros(k, k, dtype=torch.float64) for name, k in widths.items()}
         starts = range(0, len(chunks), batch_size)
         show = len(starts) > 1 if progress is None else progress
-        for start in tqdm(starts, desc="calibrating memory", unit="batch", disable=not show):
-            with self.capturing_memory_keys() as keys:
-                _, mask = self.encode_chunks(chunks[start : start + batch_size])
-            for name in memory.module_names:
-                real = keys[name][mask.bool()].double()  # (tokens, k)
-                grams[name] += (real.T @ real).cpu()
-        memory.set_background(grams, total)
+        batches = (chunks[start : start + batch_size] for start in starts)
+        progress_bar = tqdm(batches, total=len(starts), desc="calibrating memory", unit="batch", disable=not show)
+        memory.calibrate(self.model, lambda batch: self.encode_chunks(batch)[1], progress_bar, total)
         self.refresh_fingerprint()
         return total
 
@@ -253,8 +229,9 @@ class GenerativeAdapter:
                 f"this is generator {self.fingerprint} on {self.base_name}"
             )
 
-    def normalized(self, state: ContextState) -> dict[str, Tensor]:
-        """Normalised S~ per module, (R1, R2) each, plus the next-token memory maps when the generator has them."""
+    def adapter_factors(self, state: ContextState) -> dict[str, Tensor]:
+        """What the injector applies for a state: the normalised S~ per module (R1, R2), plus the next-token memory maps
+        (d_out, k) when the generator has the memory."""
         self.check_state(state)
         sums = {k: v.to(self.device) for k, v in state.sums.items()}
         with torch.no_grad():
@@ -265,11 +242,11 @@ class GenerativeAdapter:
         if states is None:
             return None
         if isinstance(states, ContextState):
-            return {k: v.unsqueeze(0) for k, v in self.normalized(states).items()}
+            return {k: v.unsqueeze(0) for k, v in self.adapter_factors(states).items()}
         if len(states) != batch:
             raise GenAdapterError(f"got {len(states)} states for {batch} prompts")
-        rows = [self.normalized(s) if s is not None else None for s in states]
-        template = next((row for row in rows if row is not None), None) or self.normalized(self.empty_state())
+        rows = [self.adapter_factors(s) if s is not None else None for s in states]
+        template = next((row for row in rows if row is not None), None) or self.adapter_factors(self.empty_state())
         return {
             key: torch.stack([row[key] if row is not None else torch.zeros_like(value) for row in rows])
             for key, value in template.items()
@@ -283,7 +260,7 @@ class GenerativeAdapter:
 
     def merge(self, state: ContextState) -> None:
         """Write the adapter into the weights: zero overhead until unmerge()."""
-        self.injector.merge(self.normalized(state))
+        self.injector.merge(self.adapter_factors(state))
 
     def unmerge(self) -> None:
         """Restore the exact original weights."""
@@ -376,7 +353,7 @@ class GenerativeAdapter:
         from peft import LoraConfig
 
         rank, scale = self.generator.export_rank(), self.config.scale
-        adapters, weights, ranks = self.normalized(state), {}, {}
+        adapters, weights, ranks = self.adapter_factors(state), {}, {}
         for name in self.generator.module_names:
             lora_a, lora_b = self.generator.block(name).lora_factors(adapters[name], rank, scale)
             lora_b = scale * lora_b

@@ -1,13 +1,10 @@
-"""Typed configuration of an adapter generator, saved as JSON next to every generator; and the KEY=VALUE
-parsing that the command line's config options (`--set`, `--sft`, `--only`) share."""
+"""Typed configuration of an adapter generator, saved as JSON next to every generator."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
 
 from .errors import GenAdapterError
 
@@ -24,24 +21,9 @@ MEMORY_FIELDS = (
 )
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 OVERRIDABLE = ("rank", "value_shift", *MEMORY_FIELDS)
-# fields added after release 5: left out of fingerprints while they hold their default
+# fields added after the first generators shipped: left out of fingerprints while they hold their default, so older
+# generators keep their fingerprints and the states made with them stay valid
 _LATER_FIELDS = ("value_shift", *MEMORY_FIELDS)
-
-
-def parse_pairs(pairs: Sequence[str] | None, option: str, as_json: bool = True) -> dict[str, Any]:
-    """`KEY=VALUE` strings of a command-line option as a dict; VALUE parsed as JSON when it can be (`as_json`)."""
-    values: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise GenAdapterError(f"{option} expects KEY=VALUE, got {pair!r}")
-        values[key] = raw
-        if as_json:
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                pass  # a plain string
-    return values
 
 
 def check_overrides(overrides: dict) -> None:
@@ -56,7 +38,7 @@ def check_overrides(overrides: dict) -> None:
 
 @dataclass
 class GeneratorConfig:
-    """Shape and behaviour of the adapter generator G (DESIGN §1)."""
+    """Shape and behaviour of the adapter generator G (docs/design.md, "The method")."""
 
     target_modules: list[str] = field(
         default_factory=lambda: ["o_proj", "down_proj"],

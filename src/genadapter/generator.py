@@ -1,4 +1,4 @@
-"""The adapter generator G (DESIGN §1): frozen hidden states -> state S -> normalised S~ -> ΔW.
+"""The adapter generator G (docs/design.md): frozen hidden states -> state S -> normalised S~ -> ΔW.
 
 For an adapted linear y = W x in decoder layer l, with H the hidden states entering layer l:
     Ĥ = RMSNorm_γ(H);  K = Ĥ A2ᵀ (M×R1);  V = Ĥ A3ᵀ (M×R2);  S = Σ_t K_tᵀ V_(t+shift) (R1×R2), t within a chunk
@@ -37,7 +37,7 @@ def _eigh_pool(workers: int) -> ThreadPoolExecutor:
     )
 
 
-def _batched_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+def batched_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     """torch.linalg.eigh of a batch of small symmetric matrices, solved on the CPU with the batch split across
     threads (results on gram's device). Why: ATen's CPU eigh solves a batch one matrix at a time, and so does
     cuSOLVER beyond 32×32; on an H200 a training step with 7,680 96×96 states (32 sequences) took 12 s, almost all
@@ -61,7 +61,7 @@ def _svd_via_gram(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         U, sigma, Vh = _svd_via_gram(S.mT)
         return Vh.mT, sigma, U.mT
     S64 = S.double()
-    eigenvalues, V = _batched_eigh(S64.mT @ S64)  # ascending
+    eigenvalues, V = batched_eigh(S64.mT @ S64)  # ascending
     sigma, V = eigenvalues.flip(-1).clamp_min(0).sqrt(), V.flip(-1)
     U = (S64 @ V) / torch.where(sigma > 0, sigma, 1).unsqueeze(-2)
     return U.to(S.dtype), sigma.to(S.dtype), V.mT.to(S.dtype)

@@ -47,26 +47,26 @@ class AdapterInjector:
         return self._originals is not None
 
     @contextmanager
-    def activate(self, normalized: dict[str, Tensor] | None) -> Iterator[None]:
-        """Within the block, every forward adds ΔW x; rows of `normalized` pair with batch rows."""
-        if normalized is not None and self.is_merged:
+    def activate(self, factors: dict[str, Tensor] | None) -> Iterator[None]:
+        """Within the block, every forward adds ΔW x; rows of `factors` pair with batch rows."""
+        if factors is not None and self.is_merged:
             raise GenAdapterError("an adapter is merged into the weights: unmerge() before using another state")
-        previous, self._active = self._active, normalized
+        previous, self._active = self._active, factors
         try:
             yield
         finally:
             self._active = previous
 
     @torch.no_grad()
-    def merge(self, normalized: dict[str, Tensor]) -> None:
-        """W <- W + ΔW for one adapter (normalized[name] is (R1, R2); memory maps, if any, are added too)."""
+    def merge(self, factors: dict[str, Tensor]) -> None:
+        """W <- W + ΔW for one adapter (factors[name] is (R1, R2); memory maps, if any, are added too)."""
         if self.is_merged:
             raise GenAdapterError("an adapter is already merged: unmerge() first")
         self._originals = {name: mod.weight.detach().clone() for name, mod in self._modules.items()}
         scale = self.generator.config.scale
         for name, module in self._modules.items():
-            delta = self.generator.block(name).delta_weight(normalized[name], scale)
-            memory_map = normalized.get(memory_key(name, "map"))
+            delta = self.generator.block(name).delta_weight(factors[name], scale)
+            memory_map = factors.get(memory_key(name, "map"))
             if memory_map is not None:
                 delta = delta + self.generator.memory.delta_weight(name, memory_map)
             module.weight.add_(delta.to(module.weight.dtype))

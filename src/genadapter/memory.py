@@ -9,16 +9,16 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
 resembles one in the context, the residual stream is pushed toward the token that followed there. β Σ adds the cost
 of the map's output on β tokens of ordinary text (β E‖W k‖² over it): directions every text uses are pushed less,
-so new text the model reads or writes is disturbed less (README, "Limits"). The "error" targets
+so new text the model reads or writes is disturbed less. The "error" targets
 make it a delta rule, as one gradient step of the next-token loss through the output embedding would: tokens the LM
 already predicted add nothing, so the write keeps what is specific to the text. Why a memory at all: the trained
 generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
-read it far better than another text's (model card, "Stage 17", which also shows what it costs).
+read it far better than another text's (docs/experiments/ has the measurements, and what it costs).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -102,9 +102,11 @@ class NextTokenMemory(nn.Module):
         return x if projection is None else x @ projection.to(x.dtype).T
 
     @contextmanager
-    def capturing(self, modules: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-        """Inside the block, each forward through a memory module stores its keys P x (N, T, k) in the yielded dict."""
+    def capturing(self, model: nn.Module) -> Iterator[dict[str, Tensor]]:
+        """Inside the block, each forward through one of `model`'s memory modules stores its keys P x (N, T, k) in the
+        yielded dict, by module name."""
         keys: dict[str, Tensor] = {}
+        modules = dict(model.named_modules())
 
         def hook(name: str):
             def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -118,6 +120,40 @@ class NextTokenMemory(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    @torch.no_grad()
+    def targets(self, head: nn.Module, ids: Tensor, final_hidden: Tensor) -> Tensor:
+        """What each position's key maps to, (N, T-1, d): the output embedding of the next token, minus with
+        memory_targets = "error" the embedding the frozen LM expected there. head: the LM's output layer; ids (N, T):
+        the chunks' tokens; final_hidden (N, T, d): the normed last hidden state the LM's softmax reads."""
+        embeddings = head.weight  # (V, d)
+        targets = embeddings[ids[:, 1:]]
+        if self.config.memory_targets == "error":
+            probs = torch.softmax(head(final_hidden[:, :-1]).float(), dim=-1)
+            targets = targets.float() - probs @ embeddings.float()
+        return targets
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        model: nn.Module,
+        encode: Callable[[Sequence[Sequence[int]]], Tensor],
+        batches: Iterable[Sequence[Sequence[int]]],
+        num_tokens: int,
+    ) -> None:
+        """Measure Σ, the mean k kᵀ of the keys over ordinary text: `encode` runs the frozen LM over one batch of
+        chunks and returns its padding mask (N, T); `num_tokens` is how many real tokens the batches hold."""
+        grams = {
+            name: torch.zeros(self.key_width(name), self.key_width(name), dtype=torch.float64)
+            for name in self.module_names
+        }
+        for batch in batches:
+            with self.capturing(model) as keys:
+                mask = encode(batch)
+            for name in self.module_names:
+                real = keys[name][mask.bool()].double()  # (tokens, k)
+                grams[name] += (real.T @ real).cpu()
+        self.set_background(grams, num_tokens)
 
     def write(
         self,

@@ -63,7 +63,7 @@ POOL_SEED = 1234
 
 
 def default_data() -> Path:
-    from ..train.data import data_root
+    from ..data import data_root
 
     return data_root() / "metaicl" / "test_tasks"
 

@@ -44,7 +44,7 @@ LENGTH_BINS = 4
 
 
 def default_data() -> Path:
-    from ..train.data import data_root
+    from ..data import data_root
 
     return data_root() / "knowledge" / "squad_v1_sample.jsonl"
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from .. import formats
-from ..config import parse_pairs
 from ..errors import GenAdapterError
 from ..state import ContextState
 from .costs import generator_flops
@@ -70,10 +69,9 @@ class SFTConfig:
         return asdict(self)
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[str] | None) -> SFTConfig:
-        """From `KEY=VALUE` strings (VALUE parsed as JSON when it can be), e.g. `epochs=5`."""
+    def from_dict(cls, values: dict[str, Any]) -> SFTConfig:
+        """From the `--sft KEY=VALUE` settings, e.g. {"epochs": 5}; unknown keys are refused by name."""
         known = {f.name for f in fields(cls)}
-        values = parse_pairs(pairs, "--sft")
         unknown = sorted(set(values) - known)
         if unknown:
             raise GenAdapterError(f"--sft expects KEY=VALUE with KEY one of {sorted(known)}, got {', '.join(unknown)}")
@@ -361,10 +359,9 @@ class UnrelatedAdapterMethod(GenAdapterMethod):
         """`tokens` tokens of the unrelated text, starting at an offset fixed by the context id."""
         if not self._pool:
             if self._unrelated is None:
-                from ..train.config import TrainConfig
-                from ..train.data import split_wiki
+                from ..data import split_wiki
 
-                _, heldout = split_wiki(TrainConfig.heldout_docs)  # leads no training run saw
+                _, heldout = split_wiki()  # leads no training run saw
                 self._unrelated = "\n\n".join(lead for _, lead in heldout)
             self._pool = self.engine.tokens(self._unrelated)
             if not self._pool:

@@ -36,7 +36,7 @@ _LINE = re.compile(r"^(\d+) (.*)$")
 
 
 def default_data() -> Path:
-    from ..train.data import data_root
+    from ..data import data_root
 
     return data_root() / "persona" / "personachat_valid_700.txt"
 

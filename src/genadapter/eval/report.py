@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from ..data import data_root
 from ..fileio import write_atomic
-from ..train.data import data_root
 from .costs import FLOPS_METHOD, MEMORY_METHOD
 from .runner import mean
 

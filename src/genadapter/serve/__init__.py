@@ -9,7 +9,7 @@ benchmarks). Web dependencies are imported only when serving: `pip install 'gena
 
 The state cache holds `ContextState`s, so every batch re-normalises its rows' states (one SVD per
 module and row). An API addition would let it cache normalised adapters instead: a type for a
-normalised adapter (e.g. `Adapter = dict[str, Tensor]` from `GenerativeAdapter.normalized`) accepted
+normalised adapter (e.g. `Adapter = dict[str, Tensor]` from `GenerativeAdapter.adapter_factors`) accepted
 wherever a state is, i.e. `batch_adapters`/`generate(state=[...])` taking `ContextState | Adapter |
 None` per row.
 """

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import OVERRIDABLE, GeneratorConfig, check_overrides
+from ..data import HELDOUT_WIKI_LEADS
 from ..errors import GenAdapterError
 
 RECIPES = ("pretrain", "instruct")
@@ -30,7 +31,7 @@ class TrainConfig:
         metadata={
             "help": "Continue init_generator with these fields of its config changed; only fields no parameter's shape "
             f"depends on: {sorted(OVERRIDABLE)}. E.g. {{'rank': 32}}: with r = R1 = R2 every direction of a state, "
-            "however weak, gets the same weight (model card, 'Stage 12')."
+            "however weak, gets the same weight."
         },
     )
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
@@ -83,13 +84,15 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": "Instruct: chance that a fact value (name, town, product, trade, dish, festival) comes from "
-            "Wikipedia titles instead of train/facts.py's short lists (0 = lists only, as up to stage 10). "
+            "Wikipedia titles instead of train/facts.py's short lists (0 = lists only). "
             "On the lists alone the generator learnt to pick an entry, not to copy the value."
         },
     )
     max_context_tokens: int = field(default=512, metadata={"help": "Instruct: contexts are cut to this many tokens."})
     max_documents: int = field(default=0, metadata={"help": "Cap on pretraining documents (0 = all); for smoke tests."})
-    heldout_docs: int = field(default=200, metadata={"help": "Wikipedia leads kept out of training for evaluation."})
+    heldout_docs: int = field(
+        default=HELDOUT_WIKI_LEADS, metadata={"help": "Wikipedia leads kept out of training for evaluation."}
+    )
     calibration_tokens: int = field(
         default=16384,
         metadata={
@@ -98,7 +101,9 @@ class TrainConfig:
         },
     )
     eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations."})
-    eval_sequences: int = field(default=16, metadata={"help": "Held-out sequences per evaluation."})
+    eval_sequences: int = field(
+        default=8, metadata={"help": "Held-out sequences per evaluation (8, as every shipped generator was scored)."}
+    )
     log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
     checkpoint_minutes: float = field(default=5.0, metadata={"help": "Save a resumable checkpoint this often."})
     max_minutes: float = field(

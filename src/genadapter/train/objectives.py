@@ -44,14 +44,14 @@ def adapted_logits(
     ga: GenerativeAdapter,
     ids: Tensor,
     mask: Tensor,
-    normalized: dict[str, Tensor] | None,
+    factors: dict[str, Tensor] | None,
     keep: Tensor | None = None,
 ) -> Tensor:
     """Logits of the LM with one normalised state per row (name -> (N, R1, R2)), or of the bare LM (None):
     (N, T, V), or (K, V) at the K positions where the bool `keep` (N, T) is True, in row-major order. Why
     `keep`: the vocabulary projection and its softmax cost as much per position as a fifth of the LM, and an
     instruction example scores only its few answer positions."""
-    with ga.injector.activate(normalized):
+    with ga.injector.activate(factors):
         return ga.model(input_ids=ids, attention_mask=mask, logits_to_keep=0 if keep is None else keep).logits.float()
 
 
@@ -124,7 +124,7 @@ def target_nll(
     ids: Tensor,
     mask: Tensor,
     target_mask: Tensor,
-    normalized: dict[str, Tensor] | None,
+    factors: dict[str, Tensor] | None,
     with_logits: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Mean next-token NLL per row over its target tokens (target_mask (N, T) is 1 on them): (N,); with
@@ -135,10 +135,10 @@ def target_nll(
     targets = ids[:, 1:][keep[:, :-1]]
     logits = None
     if with_logits or not plain_lm_head(ga.model):
-        logits = adapted_logits(ga, ids, mask, normalized, keep)
+        logits = adapted_logits(ga, ids, mask, factors, keep)
         nll = F.cross_entropy(logits, targets, reduction="none")
     else:
-        with ga.injector.activate(normalized):
+        with ga.injector.activate(factors):
             hidden = ga.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[keep]
         nll = linear_cross_entropy(hidden, ga.model.get_output_embeddings().weight, targets)
     return row_means(nll, keep), logits if with_logits else None
@@ -256,12 +256,12 @@ class AnswerBatch:
         return cls(contexts, answers, *prompt_answer_ids(ga, prompts, answers))
 
     def answer_nll(
-        self, ga: GenerativeAdapter, normalized: dict[str, Tensor] | None, with_logits: bool = False
+        self, ga: GenerativeAdapter, factors: dict[str, Tensor] | None, with_logits: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """(mean over rows of the mean answer-token NLL, and with `with_logits` the logits (K, V) at the K positions
         that predict an answer token, row by row) of the LM with one normalised state per row, or of the bare LM
         (None)."""
-        per_row, logits = target_nll(ga, self.ids, self.mask, self.answer_mask, normalized, with_logits)
+        per_row, logits = target_nll(ga, self.ids, self.mask, self.answer_mask, factors, with_logits)
         return per_row.mean(), logits
 
 
@@ -272,8 +272,8 @@ def instruct_losses(
     context in its prompt (context distillation), over the answer tokens. `with_adapter=False` scores the
     bare LM (the closed-book reference)."""
     batch = AnswerBatch.build(ga, examples, config.max_context_tokens)
-    normalized = context_adapters(ga, batch.contexts) if with_adapter else None
-    answer, student = batch.answer_nll(ga, normalized, with_logits=config.objective in ("distill", "mix"))
+    factors = context_adapters(ga, batch.contexts) if with_adapter else None
+    answer, student = batch.answer_nll(ga, factors, with_logits=config.objective in ("distill", "mix"))
     losses = {}
     if config.objective in ("answer", "mix"):
         losses["answer"] = answer

@@ -14,7 +14,8 @@ import random
 import torch
 
 from ..adapter import GenerativeAdapter
-from .data import HELDOUT_SEED, Example, fact_examples, group_by_context
+from ..data import HELDOUT_SEED
+from .data import Example, fact_examples, group_by_context
 from .objectives import AnswerBatch, context_states
 
 

@@ -1,0 +1,5 @@
+"""`python -m genadapter.cli` (e.g. under `accelerate launch`)."""
+
+from . import app
+
+app()
