@@ -487,6 +487,21 @@ def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny
         tiny_train_config(base, tmp_path / "o", generator_overrides={"rank": 3})
 
 
+def test_finalize_rebuilds_a_run_that_continued_a_generator_with_overrides(tiny_dirs, tmp_path):
+    """finalize builds the generator from the checkpoint alone: overrides are already in its config."""
+    from genadapter.train.loop import finalize_checkpoint
+
+    base, gen = tiny_dirs
+    config = tiny_train_config(
+        base, tmp_path / "run", steps=2, init_generator=str(gen), generator_overrides={"rank": 3}
+    )
+    train(config)
+    finalize_checkpoint(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "generator" / "generator_config.json").read_text())
+    assert saved["rank"] == 3
+    assert json.loads((tmp_path / "run" / "generator" / "heldout_metrics.json").read_text())["step"] == 2
+
+
 def test_training_with_a_memory_background_calibrates_it_once_on_training_text(tiny_dirs, tmp_path, monkeypatch):
     """A run that switches memory_background on measures Σ before its first step (on the training split, the same
     Σ calibrate_memory gives there) and ships it with the weights; it does not fail for want of a calibration, and a

@@ -394,7 +394,9 @@ def finalize_checkpoint(run_dir: str | Path) -> dict[str, float]:
     if not checkpoint.is_file():
         raise TrainingError(f"{run_dir} has no checkpoint.pt")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = TrainConfig(**{**state["config"], "output_dir": str(run_dir), "init_generator": None})
+    # the checkpoint's config.generator is the generator as trained, overrides applied: rebuild exactly that
+    values = {**state["config"], "output_dir": str(run_dir), "init_generator": None, "generator_overrides": {}}
+    config = TrainConfig(**values)
     ga = build_adapter(config, torch.device("cpu"))
     ga.generator.load_state_dict(state["generator"])
     metrics = finalize(ga, config)
