@@ -137,12 +137,16 @@ def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
     data = json.loads((out / "results.json").read_text())
     assert set(data["metrics"]) == set(METHODS)
     for values in data["metrics"].values():
-        assert {"f1", "em", "n"} <= set(values) and values["n"] >= 2
+        assert {"contains", "f1", "em", "option_acc", "n"} <= set(values) and values["n"] >= 2
     for key in ("config", "costs", "items", "contexts", "versions", "machine", "templates", "by_length"):
         assert key in data
-    for slots in data["templates"].values():
-        assert slots["qa"]["chosen"] in {t.name for t in KNOWLEDGE}
-        assert set(slots["qa"]["dev_scores"]) == {t.name for t in KNOWLEDGE}
+    names = {t.name for t in KNOWLEDGE}
+    shared = data["templates"]["shared"]["qa"]["chosen"]
+    assert shared in names and {i["template"] for i in data["items"]} == {shared}  # one template for all methods
+    for method in METHODS:
+        assert data["templates"]["methods"][method]["qa"]["chosen"] in names  # each method's own choice, kept
+        assert set(data["templates"]["dev_scores"][method]["qa"]) == names
+    assert f"`{shared}`" in (out / "results.md").read_text()
     # only the long contexts (one is in the test split) overflow the 150-token window, and only prompting
     # puts the context in the prompt
     assert data["metrics"]["prompting"]["truncated"] >= 1
@@ -151,7 +155,7 @@ def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
     assert data["costs"]["genadapter"]["kept_bytes_mean"] > 0 and data["costs"]["sft"]["adapt_s_mean"] > 0
     assert {i["method"] for i in data["items"]} == set(METHODS) and "prediction" in data["items"][0]
     assert "| genadapter |" in (out / "results.md").read_text()
-    for png in ("f1_vs_length.png", "cost_vs_length.png"):
+    for png in ("contains_vs_length.png", "cost_vs_length.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert data["resume"]["skipped_contexts"] == {m: 0 for m in METHODS}
 
@@ -170,8 +174,9 @@ def test_knowledge_cli_end_to_end_and_resume(tiny_dirs, tmp_path, qa_file):
     assert compared.exit_code == 0, compared.output
     c = json.loads((tmp_path / "c.json").read_text())
     f1 = data["metrics"]
-    assert c["metric"] == "f1" and c["n"] == f1["prompting"]["n"]
-    assert c["difference"] == pytest.approx(f1["prompting"]["f1"] - f1["closed-book"]["f1"])
+    assert c["metric"] == "contains" and c["n"] == f1["prompting"]["n"]
+    assert c["a"]["template"] == c["b"]["template"] == shared
+    assert c["difference"] == pytest.approx(f1["prompting"]["contains"] - f1["closed-book"]["contains"])
     assert c["low"] <= c["difference"] <= c["high"]
 
 
@@ -199,7 +204,7 @@ def test_knowledge_grouped_news_stream(ga, tmp_path):
 def test_other_settings_in_the_same_out_are_refused(ga, tmp_path, qa_file):
     config = KnowledgeConfig(data=qa_file, out=tmp_path / "o", dev=0, methods=["closed-book"], max_new_tokens=2)
     result = run_knowledge(config, ga=ga)
-    assert result["templates"]["closed-book"]["qa"]["how"].startswith("default")
+    assert result["templates"]["shared"]["qa"]["how"] == "training format (no dev items)"
     config.seed = 1
     with pytest.raises(GenAdapterError, match="seed"):
         run_knowledge(config, ga=ga)
@@ -245,8 +250,9 @@ def test_icl_end_to_end(ga, metaicl_dir, tmp_path):
     ks = {(i["method"], i["k"]) for i in result["items"]}
     assert ("closed-book", 2) not in ks and ("genadapter", 2) in ks and ("sft", 0) in ks
     assert {i["seed"] for i in result["items"] if i["k"] == 2} == {13, 21}
-    assert all(t["icl"]["chosen"] for t in result["templates"].values())
-    assert result["templates"]["genadapter"]["icl"]["dev_items"] == 2
+    assert all(t["icl"]["chosen"] for t in result["templates"]["methods"].values())
+    chosen = result["templates"]["methods"]["genadapter"]["icl"]
+    assert chosen["dev"][chosen["chosen"]]["n"] == 2
     assert (tmp_path / "icl" / "accuracy_vs_k.png").is_file() and (tmp_path / "icl" / "results.md").is_file()
     scored = [i for i in result["items"] if i["task"] == "colors"]
     assert all(len(i["option_scores"]) == 2 for i in scored)
@@ -303,7 +309,7 @@ def test_persona_end_to_end(ga, tmp_path):
     result = run_persona(config, ga=ga)
     for values in result["metrics"].values():
         assert {"recall_acc", "reply_f1"} <= set(values) and values["n"] == 2 and values["recall_items"] == 4
-    assert set(result["templates"]["sft"]) == {"recall", "reply"}
+    assert set(result["templates"]["methods"]["sft"]) == {"recall", "reply"}
     assert (tmp_path / "persona" / "persona_metrics.png").is_file()
     assert (tmp_path / "persona" / "cost_vs_length.png").is_file()
     again = run_persona(config, ga=ga)
@@ -376,3 +382,77 @@ def test_compare_runs_reads_records_and_rejects_bad_input(tmp_path):
     assert json.loads((tmp_path / "c.json").read_text())["only"] == {"k": "1"}
     result = CliRunner().invoke(eval_app, ["compare", str(a), str(b), "--only", "k"])
     assert isinstance(result.exception, GenAdapterError) and "--only expects KEY=VALUE" in str(result.exception)
+
+
+# ---- evaluation protocol: one template, dev splits that can choose, scoring that ignores format ----------------
+
+
+def test_genadapter_with_an_empty_context_equals_closed_book_bit_for_bit(ga, metaicl_dir, tmp_path):
+    """At k = 0 genadapter absorbs nothing: under the same template it must be the closed-book model exactly, so
+    the harness can never report the two apart except through a template the report names."""
+    for template in ("icl-chat", "icl-plain"):
+        config = ICLConfig(
+            data=metaicl_dir, out=tmp_path / template, tasks=["all"], shots=[0], seeds=[13], limit=3, dev=0,
+            methods=["closed-book", "genadapter"], template=template, max_new_tokens=4, progress=False, plots=False,
+        )  # fmt: skip
+        result = run_icl(config, ga=ga)
+        by_method: dict[str, dict] = {}
+        for item in result["items"]:
+            by_method.setdefault(item["method"], {})[item["id"]] = (item["prediction"], item.get("option_scores"))
+        assert by_method["closed-book"] == by_method["genadapter"]
+        assert any(scores for _, scores in by_method["genadapter"].values())  # option log-probs compared, not only text
+        assert result["metrics"]["closed-book"]["accuracy_k0"] == result["metrics"]["genadapter"]["accuracy_k0"]
+
+
+def test_pick_template_keeps_the_training_format_unless_dev_clearly_prefers_another():
+    from genadapter.eval.runner import pick_template
+
+    names = ["train-format", "other"]
+    noisy = {"train-format": [0.0, 100.0, 0.0, 100.0], "other": [100.0, 100.0, 0.0, 100.0]}  # +25 ± 25
+    assert pick_template(names, [noisy])["chosen"] == "train-format"
+    clear = {"train-format": [0.0] * 32, "other": [100.0] * 30 + [0.0] * 2}
+    picked = pick_template(names, [clear])
+    assert picked["chosen"] == "other" and picked["dev"]["other"]["n"] == 32 and picked["dev"]["other"]["se"] > 0
+    # pooled over methods: one method's clear preference is diluted by another's opposite one
+    opposite = {"train-format": [100.0] * 32, "other": [0.0] * 32}
+    assert pick_template(names, [clear, opposite])["chosen"] == "train-format"
+    assert pick_template(names, [{}])["how"] == "training format (no dev items)"
+
+
+def test_contains_answer_and_named_options():
+    from genadapter.metrics import contains_answer, named_options
+
+    assert contains_answer("6 PM or 11 PM.", ["6 PM"]) == 1.0 and contains_answer("at 16 PM", ["6 PM"]) == 0.0
+    assert contains_answer("The answer: Paris, France", ["paris"]) == 1.0 and contains_answer("", ["x"]) == 0.0
+    assert named_options("What time did CPU load go up: 6 PM or 11 PM?", ["6 PM"]) == (["6 PM", "11 PM"], 0)
+    assert named_options("are people calling or texting her?", ["texting"]) == (["calling", "texting"], 1)
+    assert named_options("Is it real or not?", ["of course"]) is None  # the gold answer is not one of them
+    assert named_options("Who won?", ["Marie Curie"]) is None
+
+
+def test_all_templates_answers_every_candidate_and_reports_the_sensitivity(ga, tmp_path, qa_file):
+    rows = [json.loads(line) for line in qa_file.read_text().splitlines()]
+    rows.append({"context": "The meeting is at 6 PM.", "question": "When is it: 6 PM or 11 PM?", "answers": ["6 PM"]})
+    data = write_jsonl(tmp_path / "qa2.jsonl", rows)
+    out = tmp_path / "all"
+    config = KnowledgeConfig(
+        data=data, out=out, dev=1, methods=["closed-book", "genadapter"], all_templates=True, max_new_tokens=3,
+        progress=False,
+    )  # fmt: skip
+    result = run_knowledge(config, ga=ga)
+    names = {t.name for t in KNOWLEDGE}
+    for method in ("closed-book", "genadapter"):
+        assert set(result["template_sensitivity"][method]) == names
+        answered = {(i["template"], i["id"]) for i in result["items"] if i["method"] == method}
+        assert {t for t, _ in answered} == {result["templates"]["shared"]["qa"]["chosen"]}  # the headline: shared
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {r["template"] for r in records if r["kind"] == "item"} == names
+    option_items = [r for r in records if r["kind"] == "item" and r.get("option_acc") is not None]
+    assert option_items and all(r["option_acc"] in (0.0, 100.0) for r in option_items)
+    text = (out / "results.md").read_text()
+    assert "Every candidate template on the test items" in text and (out / "templates.png").is_file()
+    # a paired comparison across templates is refused unless asked for
+    other = next(n for n in names if n != result["templates"]["shared"]["qa"]["chosen"])
+    with pytest.raises(GenAdapterError, match="template"):
+        compare_runs(out, out, "closed-book", "genadapter", template_b=other)
+    assert compare_runs(out, out, "closed-book", "genadapter", template_b=other, across_templates=True).n >= 1

@@ -53,7 +53,18 @@ DevOpt = Annotated[
     int | None, typer.Option("--dev", metavar="N", min=0, help="Dev items for template selection (0: no selection).")
 ]
 TemplateOpt = Annotated[
-    str | None, typer.Option("--template", metavar="NAME[,NAME]", help="Fix the template(s) instead of selecting.")
+    str | None,
+    typer.Option(
+        "--template",
+        metavar="NAME[,NAME]",
+        help="Fix the template(s) every method is compared under, instead of picking on the pooled dev split.",
+    ),
+]
+AllTemplatesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--all-templates", help="Also answer the test items under every candidate template (a sensitivity table)."
+    ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per forward pass / contexts per block.")]
 WindowOpt = Annotated[
@@ -126,6 +137,7 @@ def knowledge_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 20,
     dev: DevOpt = None,
     template: TemplateOpt = None,
+    all_templates: AllTemplatesOpt = False,
     batch_size: BatchOpt = 8,
     window: WindowOpt = None,
     sft: SftOpt = None,
@@ -141,7 +153,8 @@ def knowledge_command(
     config = KnowledgeConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
-            dev=dev, template=template, batch_size=batch_size, window=window, sft=sft, device=device, dtype=dtype,
+            dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
+            device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
         ),
         group_tokens=_ints(group_tokens, "--group-tokens"),
@@ -170,6 +183,7 @@ def icl_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="For tasks without options.")] = 20,
     dev: DevOpt = None,
     template: TemplateOpt = None,
+    all_templates: AllTemplatesOpt = False,
     batch_size: BatchOpt = 8,
     window: WindowOpt = None,
     sft: SftOpt = None,
@@ -185,7 +199,8 @@ def icl_command(
     config = ICLConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
-            dev=dev, template=template, batch_size=batch_size, window=window, sft=sft, device=device, dtype=dtype,
+            dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
+            device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
         ),
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
@@ -210,6 +225,7 @@ def persona_command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply.")] = 32,
     dev: DevOpt = None,
     template: TemplateOpt = None,
+    all_templates: AllTemplatesOpt = False,
     batch_size: BatchOpt = 8,
     window: WindowOpt = None,
     sft: SftOpt = None,
@@ -225,7 +241,8 @@ def persona_command(
     config = PersonaConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
-            dev=dev, template=template, batch_size=batch_size, window=window, sft=sft, device=device, dtype=dtype,
+            dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
+            device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
         ),
         distractors=distractors,
@@ -249,6 +266,18 @@ def compare_command(
         list[str] | None,
         typer.Option("--only", metavar="KEY=VALUE", help="Keep items whose record has this value, e.g. --only k=16."),
     ] = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template", metavar="NAME", help="Template of the items to pair (default: the run's shared template)."
+        ),
+    ] = None,
+    template_b: Annotated[
+        str | None, typer.Option("--template-b", metavar="NAME", help="Another template for run B.")
+    ] = None,
+    across_templates: Annotated[
+        bool, typer.Option("--across-templates", help="Allow pairing items answered under different templates.")
+    ] = False,
     resamples: Annotated[int, typer.Option("--resamples", min=1, help="Bootstrap resamples.")] = 10_000,
     confidence: Annotated[float, typer.Option("--confidence", min=0.5, max=0.999)] = 0.95,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
@@ -261,8 +290,9 @@ def compare_command(
     method_b = method_b or method
     filters = parse_pairs(only, "--only", as_json=False)  # compared as text with the records' fields
     comparison = compare_runs(
-        run_a, run_b, method, method_b, metric, filters, resamples=resamples, confidence=confidence, seed=seed
-    )
+        run_a, run_b, method, method_b, metric, filters, template, template_b, across_templates,
+        resamples=resamples, confidence=confidence, seed=seed,
+    )  # fmt: skip
     typer.echo(comparison.describe())
     if json is not None:
         text = comparison_json(comparison, run_a, run_b, method, method_b, filters) + "\n"

@@ -18,22 +18,33 @@ import numpy as np
 from ..errors import GenAdapterError
 from .runner import Store
 
-PREFERRED_METRICS = ("f1", "accuracy", "recall_acc", "reply_f1", "em")
+PREFERRED_METRICS = ("contains", "f1", "accuracy", "recall_acc", "reply_f1", "em")
 
 
 def item_scores(
-    run: Path, method: str, metric: str | None, only: dict[str, str] | None = None
-) -> tuple[dict[str, float], str]:
-    """{item id: metric value} of one method in a run directory, and the metric used (auto: the first preferred).
-    `only` keeps the items whose record fields have the given values (compared as text, e.g. {"k": "16"})."""
+    run: Path, method: str, metric: str | None, only: dict[str, str] | None = None, template: str | None = None
+) -> tuple[dict[str, float], str, str]:
+    """({item id: metric value}, the metric used, the template used) of one method in a run directory. The metric
+    defaults to the first preferred one present; the template to the only one the method was answered with, or
+    else the run's shared template. `only` keeps the items whose record fields have the given values (compared as
+    text, e.g. {"k": "16"})."""
     path = run / "records.jsonl"
     if not path.is_file():
         raise GenAdapterError(f"{run} has no records.jsonl: is it the --out directory of a `genadapter eval` run?")
     store = Store(run)  # parses records.jsonl as a resumed run would, skipping a line cut short
-    items = [r for (m, _), r in store.items.items() if m == method]
-    if not items:
-        methods = ", ".join(sorted({m for m, _ in store.items})) or "none"
+    by_template: dict[str, list[dict]] = {}
+    for (m, t, _), r in store.items.items():
+        if m == method:
+            by_template.setdefault(t, []).append(r)
+    if not by_template:
+        methods = ", ".join(sorted({m for m, _, _ in store.items})) or "none"
         raise GenAdapterError(f"{run} has no items of method {method!r} (it has: {methods})")
+    if template is None:
+        template = next(iter(by_template)) if len(by_template) == 1 else shared_template(run)
+    if template not in by_template:
+        answered = ", ".join(sorted(by_template))
+        raise GenAdapterError(f"{method!r} in {run} was not answered with template {template!r} (it was: {answered})")
+    items = by_template[template]
     for key, value in (only or {}).items():
         if not any(key in r for r in items):
             raise GenAdapterError(f"the items of {method!r} in {run} have no field {key!r}")
@@ -47,7 +58,14 @@ def item_scores(
             raise GenAdapterError(f"no known metric in {path}; pick one with --metric ({', '.join(numeric)})")
     elif metric not in numeric:
         raise GenAdapterError(f"{path} has no metric {metric!r} for {method!r}; it has: {', '.join(numeric)}")
-    return {r["id"]: float(r[metric]) for r in items if metric in r}, metric
+    return {r["id"]: float(r[metric]) for r in items if r.get(metric) is not None}, metric, template
+
+
+def shared_template(run: Path) -> str | None:
+    """The template every method of a run was compared under (templates.json), or None for older runs."""
+    path = run / "templates.json"
+    shared = json.loads(path.read_text()).get("shared") if path.is_file() else None
+    return "+".join(slot["chosen"] for slot in shared.values()) if shared else None
 
 
 @dataclass
@@ -66,6 +84,8 @@ class PairedComparison:
     b_worse: int
     resamples: int
     seed: int
+    template_a: str = ""
+    template_b: str = ""
 
     def describe(self) -> str:
         """One paragraph for a terminal or a results note."""
@@ -76,8 +96,12 @@ class PairedComparison:
             if self.only_a or self.only_b
             else ""
         )
+        same = self.template_a == self.template_b
+        templates = (
+            f"template {self.template_a or '?'}" if same else f"templates A {self.template_a}, B {self.template_b}"
+        )
         return (
-            f"{self.metric} over {self.n} paired items: A {self.mean_a:.2f}, B {self.mean_b:.2f}, "
+            f"{self.metric} over {self.n} paired items ({templates}): A {self.mean_a:.2f}, B {self.mean_b:.2f}, "
             f"B − A {self.difference:+.2f}, {interval}: {verdict}. "
             f"B better on {self.b_better}, worse on {self.b_worse}, tied on {self.n - self.b_better - self.b_worse}"
             f"{left_out}."
@@ -132,12 +156,23 @@ def compare_runs(
     method_b: str | None = None,
     metric: str | None = None,
     only: dict[str, str] | None = None,
+    template: str | None = None,
+    template_b: str | None = None,
+    across_templates: bool = False,
     **bootstrap,
 ) -> PairedComparison:
-    """Paired comparison of `method` in run A with `method_b` (default the same) in run B."""
-    a, metric = item_scores(run_a, method, metric, only)
-    b, _ = item_scores(run_b, method_b or method, metric, only)
-    return paired_bootstrap(a, b, metric=metric, **bootstrap)
+    """Paired comparison of `method` in run A with `method_b` (default the same) in run B. Both must have answered
+    under the same template, unless `across_templates`: otherwise the template's effect would pass for the method's."""
+    a, metric, used_a = item_scores(run_a, method, metric, only, template)
+    b, _, used_b = item_scores(run_b, method_b or method, metric, only, template_b or template)
+    if used_a != used_b and not across_templates:
+        raise GenAdapterError(
+            f"A was answered with template {used_a!r} and B with {used_b!r}: the difference would mix the template's "
+            "effect into the method's. Compare runs under one template (--template), or pass --across-templates"
+        )
+    comparison = paired_bootstrap(a, b, metric=metric, **bootstrap)
+    comparison.template_a, comparison.template_b = used_a, used_b
+    return comparison
 
 
 def comparison_json(
@@ -145,8 +180,8 @@ def comparison_json(
 ) -> str:
     return json.dumps(
         {
-            "a": {"run": str(run_a), "method": method},
-            "b": {"run": str(run_b), "method": method_b},
+            "a": {"run": str(run_a), "method": method, "template": comparison.template_a},
+            "b": {"run": str(run_b), "method": method_b, "template": comparison.template_b},
             "only": only or {},
             **asdict(comparison),
         },

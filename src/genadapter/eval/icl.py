@@ -38,10 +38,23 @@ from .report import (
     machine,
     main_table,
     markdown_table,
+    template_plot,
     versions,
     write_results,
 )
-from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
+from .runner import (
+    CommonConfig,
+    Group,
+    Runner,
+    Scenario,
+    config_dict,
+    fingerprint_of,
+    load_adapter,
+    mean,
+    prompt_facts,
+    run_methods,
+    template_views,
+)
 
 SEEDS = (13, 21, 42, 87, 100)
 SHOTS = (0, 4, 16)
@@ -57,7 +70,7 @@ DEFAULT_TASKS = (
     "hate_speech18",
 )
 DEFAULT_LIMIT = 8  # test queries per task
-DEFAULT_DEV = 12  # dev queries in all (over up to 4 tasks, first seed, smallest k > 0)
+DEFAULT_DEV = 32  # dev queries in all (over up to 4 tasks, first seed, smallest k > 0)
 DEV_TASKS = 4
 POOL_SEED = 1234
 
@@ -264,14 +277,16 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
     def groups_for(method: Method) -> list[Group]:
         return [g for g in groups if g.info["k"] == 0] if method.name == "closed-book" else groups
 
-    for method in methods:
-        chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups_for(method), chosen, block=config.batch_size, block_key=lambda g: g.info["k"])
+    plan = run_methods(
+        runner, methods, groups_for, dev_groups, forced, config.all_templates, config.batch_size,
+        block_key=lambda g: g.info["k"],
+    )  # fmt: skip
+    sensitivity, template_section = template_views(runner, methods, groups_for, plan)
 
     demo_tokens = {k: mean([g.info["context_tokens"] for g in groups if g.info["k"] == k]) or 0 for k in shots}
     metrics, per_task, costs, costs_by_k, all_items, all_contexts = {}, {}, {}, {}, [], []
     for method in methods:
-        records = runner.item_records(method.name, groups_for(method))
+        records = runner.item_records(method.name, groups_for(method), plan.shared)
         contexts = runner.context_records(method.name, groups_for(method))
         all_items += records
         all_contexts += contexts
@@ -324,12 +339,14 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
         f"accuracy = accuracy at k={max(shots)}; accuracy_k<K>: mean over tasks of the mean over seeds, in percent",
         "k=0 is evaluated once per task; closed-book runs only at k=0 and is reported for every k",
         "dev queries (the first seed's *_dev.jsonl of the first tasks) are never reported",
+        "Templates section: accuracy over all of a method's test items (every k it ran)",
     ]
     result = {
         "scenario": "icl",
         "metrics": metrics,
         "per_task": per_task,
-        "templates": {m.name: runner.templates.get(m.name, {}) for m in methods},
+        "templates": runner.templates,
+        "template_sensitivity": sensitivity,
         "costs": costs,
         "costs_by_k": costs_by_k,
         "config": {
@@ -353,8 +370,9 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
         [task, *(fmt(per_task[m][task][f"k={k}"]) for k in shots), m] for m in per_task for task in per_task[m]
     ]
     sections = [
-        ("Results", main_table(metrics, costs, keys, result["templates"])),
+        ("Results", main_table(metrics, costs, keys, plan.shared)),
         ("Per task", markdown_table(["task", *(f"k={k}" for k in shots), "method"], task_rows)),
+        ("Templates", template_section),
     ]
     plots = [
         (
@@ -372,5 +390,6 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
         ),
         ("cost_vs_length.png", lambda p: cost_plot(p, costs_by_k, "demonstration tokens (mean per k)")),
         ("accuracy.png", lambda p: bar_plot(p, metrics, keys, "accuracy by k")),
+        ("templates.png", lambda p: template_plot(p, sensitivity, "accuracy")),
     ]
     return write_results(out, config.json, result, sections, plots, config.plots)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GenAdapterError
-from ..metrics import exact_match, token_f1
+from ..metrics import contains_answer, exact_match, named_options, token_f1
 from . import templates as T
 from .engine import Engine
 from .methods import Adapted, EvalContext, Method, make_methods
@@ -32,13 +32,27 @@ from .report import (
     machine,
     main_table,
     markdown_table,
+    template_plot,
     versions,
     write_results,
 )
-from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
+from .runner import (
+    CommonConfig,
+    Group,
+    Runner,
+    Scenario,
+    config_dict,
+    fingerprint_of,
+    load_adapter,
+    mean,
+    prompt_facts,
+    run_methods,
+    template_key,
+    template_views,
+)
 
 DEFAULT_LIMIT = 100
-DEFAULT_DEV = 8
+DEFAULT_DEV = 32  # dev contexts, one question each: enough to tell templates apart by more than noise
 DEV_SEED = 1234  # the dev/test split never moves with --seed
 LENGTH_BINS = 4
 
@@ -156,20 +170,37 @@ def length_bin_edges(lengths: list[int], bins: int = LENGTH_BINS) -> list[int]:
 class KnowledgeScenario(Scenario):
     name = "knowledge"
     slots = {"qa": T.KNOWLEDGE}
-    dev_metric = {"qa": "f1"}
+    dev_metric = {"qa": "contains"}
 
     def evaluate(self, method: Method, rows: list[tuple[Adapted, QAItem]], templates: dict) -> list[dict]:
         template = templates["qa"]
         out = method.generate([(a, template, item.question) for a, item in rows], self.max_new_tokens)
+        options = [named_options(item.question, item.answers) for _, item in rows]
+        score_rows, owners = [], []
+        for index, ((adapted, item), named) in enumerate(zip(rows, options, strict=True)):
+            if named:
+                continuations = [" " + option for option in named[0]]
+                reserve = max(self.engine.count(c) for c in continuations)
+                score_rows += [(adapted, template, item.question, c, reserve) for c in continuations]
+                owners += [index] * len(continuations)
+        scored: dict[int, list[float]] = {}
+        for owner, (value, _) in zip(owners, method.score(score_rows) if score_rows else [], strict=True):
+            scored.setdefault(owner, []).append(value)
         results = []
-        for (adapted, item), (answer, prompted) in zip(rows, out, strict=True):
+        for index, ((adapted, item), (answer, prompted)) in enumerate(zip(rows, out, strict=True)):
+            option_acc = None
+            if index in scored:
+                values = scored[index]
+                option_acc = 100.0 * (max(range(len(values)), key=values.__getitem__) == options[index][1])
             results.append(
                 {
                     "question": item.question,
                     "answers": item.answers,
                     "prediction": answer,
+                    "contains": 100 * contains_answer(answer, item.answers),
                     "f1": 100 * token_f1(answer, item.answers),
                     "em": 100 * exact_match(answer, item.answers),
+                    "option_acc": option_acc,
                     **prompt_facts([prompted], method, adapted, self.engine.count(answer) + 1),
                 }
             )
@@ -212,19 +243,25 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
             return record["group_tokens"]
         return next(e for e in edges if record["context_tokens"] <= e)
 
-    for method in methods:
-        chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups, chosen, block=config.batch_size, block_key=lambda g: length_of(g.info))
+    plan = run_methods(
+        runner, methods, lambda _: groups, dev_groups, forced, config.all_templates, config.batch_size,
+        block_key=lambda g: length_of(g.info),
+    )  # fmt: skip
+    sensitivity, template_section = template_views(runner, methods, lambda _: groups, plan)
 
     metrics, by_length, costs, costs_by_length, all_items, all_contexts = {}, {}, {}, {}, [], []
     for method in methods:
-        records = runner.item_records(method.name, groups)
+        records = runner.item_records(method.name, groups, plan.shared)
         contexts = runner.context_records(method.name, groups)
         all_items += records
         all_contexts += contexts
+        option_items = [r["option_acc"] for r in records if r.get("option_acc") is not None]
         metrics[method.name] = {
+            "contains": mean([r.get("contains") for r in records]),
             "f1": mean([r["f1"] for r in records]),
             "em": mean([r["em"] for r in records]),
+            "option_acc": mean(option_items),
+            "option_n": len(option_items),
             "n": len(records),
             "truncated": sum(1 for r in records if r.get("truncated")),
         }
@@ -234,6 +271,7 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
         by_length[method.name] = [
             {
                 "length": length,
+                "contains": mean([r.get("contains") for r in rs]),
                 "f1": mean([r["f1"] for r in rs]),
                 "em": mean([r["em"] for r in rs]),
                 "n": len(rs),
@@ -253,9 +291,11 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
     )
     result = {
         "scenario": "knowledge",
+        "headline_metric": "contains",
         "metrics": metrics,
         "by_length": by_length,
-        "templates": {m.name: runner.templates.get(m.name, {}) for m in methods},
+        "templates": runner.templates,
+        "template_sensitivity": sensitivity,
         "costs": costs,
         "costs_by_length": costs_by_length,
         "config": {
@@ -267,35 +307,44 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
             "dev_items": len(dev_items),
         },
         "resume": {"skipped_contexts": runner.skipped},
-        "notes": [length_note, "f1/em: SQuAD-normalised, in percent; dev items are never reported"],
+        "notes": [
+            length_note,
+            "contains (the headline): % of answers holding a gold answer (SQuAD-normalised tokens, contiguous); "
+            "f1/em: SQuAD-normalised, in percent; option_acc: % of the option_n questions naming their options "
+            "('A or B', gold on one side) where the gold option is the likelier; dev items are never reported",
+        ],
         "items": all_items,
         "contexts": all_contexts,
         "versions": versions(),
         "machine": machine(config.device),
     }
     length_rows = [
-        [m, row["length"], fmt(row["f1"]), fmt(row["em"]), row["n"], row["truncated"]]
+        [m, row["length"], fmt(row["contains"]), fmt(row["f1"]), fmt(row["em"]), row["n"], row["truncated"]]
         for m, rows in by_length.items()
         for row in rows
     ]
     sections = [
-        ("Results", main_table(metrics, costs, ["f1", "em"], result["templates"])),
+        ("Results", main_table(metrics, costs, ["contains", "f1", "em", "option_acc", "option_n"], plan.shared)),
         (
             "By context length",
-            length_note + "\n\n" + markdown_table(["method", "length", "f1", "em", "n", "truncated"], length_rows),
+            length_note
+            + "\n\n"
+            + markdown_table(["method", "length", "contains", "f1", "em", "n", "truncated"], length_rows),
         ),
+        ("Templates", template_section),
     ]
     plots = [
         (
-            "f1_vs_length.png",
+            "contains_vs_length.png",
             lambda p: line_plot(
                 p,
-                {m: [(r["length"], r["f1"]) for r in rows] for m, rows in by_length.items()},
-                "knowledge QA",
+                {m: [(r["length"], r["contains"]) for r in rows] for m, rows in by_length.items()},
+                f"knowledge QA, template {template_key(plan.shared)}",
                 "context tokens",
-                "F1 (%)",
+                "answers containing the gold answer (%)",
             ),
         ),
         ("cost_vs_length.png", lambda p: cost_plot(p, costs_by_length)),
+        ("templates.png", lambda p: template_plot(p, sensitivity, "contains")),
     ]
     return write_results(out, config.json, result, sections, plots, config.plots)

@@ -158,7 +158,8 @@ class Method:
         context with several rows together (one shared prefix / one adapter), the lone rows pooled."""
         groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
         for i, (a, chat) in enumerate(zip(adapted, chats, strict=True)):
-            groups[(id(a) if self.per_context else 0, chat)].append(i)
+            # an empty context gives a row nothing of its own: batch it as closed-book does, so the two are bit-equal
+            groups[(id(a) if self.per_context and not a.context.empty else 0, chat)].append(i)
         out, singles = [], defaultdict(list)
         for (_, chat), idx in groups.items():
             if len(idx) > 1 or not self.per_context:

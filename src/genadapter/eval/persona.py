@@ -26,11 +26,33 @@ from . import templates as T
 from .engine import Engine
 from .knowledge import length_bin_edges
 from .methods import Adapted, EvalContext, Method, make_methods
-from .report import bar_plot, cost_by_length, cost_plot, cost_summary, machine, main_table, versions, write_results
-from .runner import CommonConfig, Group, Runner, Scenario, config_dict, fingerprint_of, load_adapter, mean, prompt_facts
+from .report import (
+    bar_plot,
+    cost_by_length,
+    cost_plot,
+    cost_summary,
+    machine,
+    main_table,
+    template_plot,
+    versions,
+    write_results,
+)
+from .runner import (
+    CommonConfig,
+    Group,
+    Runner,
+    Scenario,
+    config_dict,
+    fingerprint_of,
+    load_adapter,
+    mean,
+    prompt_facts,
+    run_methods,
+    template_views,
+)
 
 DEFAULT_LIMIT = 40  # test dialogues
-DEFAULT_DEV = 4  # dev dialogues
+DEFAULT_DEV = 32  # dev dialogues: 32 reply items and ≈ 5 persona-recall items each
 DEV_SEED = 1234
 _LINE = re.compile(r"^(\d+) (.*)$")
 
@@ -222,13 +244,15 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
     def length_of(record: dict) -> int:
         return next(e for e in edges if record["context_tokens"] <= e)
 
-    for method in methods:
-        chosen = runner.select_templates(method, dev_groups, forced)
-        runner.run(method, groups, chosen, block=config.batch_size, block_key=lambda g: length_of(g.info))
+    plan = run_methods(
+        runner, methods, lambda _: groups, dev_groups, forced, config.all_templates, config.batch_size,
+        block_key=lambda g: length_of(g.info),
+    )  # fmt: skip
+    sensitivity, template_section = template_views(runner, methods, lambda _: groups, plan)
 
     metrics, costs, costs_by_length, all_items, all_contexts = {}, {}, {}, [], []
     for method in methods:
-        records = runner.item_records(method.name, groups)
+        records = runner.item_records(method.name, groups, plan.shared)
         contexts = runner.context_records(method.name, groups)
         all_items += records
         all_contexts += contexts
@@ -247,7 +271,8 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
     result = {
         "scenario": "persona",
         "metrics": metrics,
-        "templates": {m.name: runner.templates.get(m.name, {}) for m in methods},
+        "templates": runner.templates,
+        "template_sensitivity": sensitivity,
         "costs": costs,
         "costs_by_length": costs_by_length,
         "config": {
@@ -269,9 +294,13 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
         "versions": versions(),
         "machine": machine(config.device),
     }
-    sections = [("Results", main_table(metrics, costs, ["recall_acc", "reply_f1"], result["templates"]))]
+    sections = [
+        ("Results", main_table(metrics, costs, ["recall_acc", "reply_f1"], plan.shared)),
+        ("Templates", template_section),
+    ]
     plots = [
         ("persona_metrics.png", lambda p: bar_plot(p, metrics, ["recall_acc", "reply_f1"], "personalization")),
+        ("templates.png", lambda p: template_plot(p, sensitivity, "recall_acc")),
         ("cost_vs_length.png", lambda p: cost_plot(p, costs_by_length, "history tokens (quartile bins)")),
     ]
     return write_results(out, config.json, result, sections, plots, config.plots)

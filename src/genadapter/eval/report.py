@@ -15,12 +15,17 @@ from pathlib import Path
 from ..data import data_root
 from ..fileio import write_atomic
 from .costs import FLOPS_METHOD, MEMORY_METHOD
-from .runner import mean
 
 log = logging.getLogger(__name__)
 
 
 # ---- costs ----------------------------------------------------------------------------------------
+
+
+def mean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def portable_path(path: str | None) -> str | None:
@@ -156,6 +161,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def main_table(metrics: dict, costs: dict, metric_keys: Sequence[str], templates: dict) -> str:
+    """The headline table: every method under the same templates (`templates`: slot -> Template), named in it."""
+    shared = "+".join(t.name for t in templates.values()) or "–"
     header = [
         "method",
         *metric_keys,
@@ -172,7 +179,6 @@ def main_table(metrics: dict, costs: dict, metric_keys: Sequence[str], templates
     rows = []
     for method, values in metrics.items():
         c = costs.get(method, {})
-        chosen = ", ".join(v.get("chosen", "?") for v in templates.get(method, {}).values())
         rows.append(
             [
                 method,
@@ -185,7 +191,7 @@ def main_table(metrics: dict, costs: dict, metric_keys: Sequence[str], templates
                 fmt(c.get("adapt_gflops_mean"), 1),
                 fmt(c.get("answer_gflops_per_item_mean"), 1),
                 c.get("truncated_items", 0),
-                chosen or "–",
+                shared,
             ]
         )
     return markdown_table(header, rows)
@@ -305,3 +311,12 @@ def bar_plot(path: Path, metrics: dict[str, dict], keys: Sequence[str], title: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def template_plot(path: Path, sensitivity: dict[str, dict[str, dict]], metric: str) -> bool:
+    """Test `metric` of each method under each template it was answered with (the template sensitivity)."""
+    keys = list(dict.fromkeys(k for by_template in sensitivity.values() for k in by_template))
+    if len(keys) < 2:
+        return False
+    values = {m: {k: (v.get(k) or {}).get(metric) for k in keys} for m, v in sensitivity.items()}
+    return bar_plot(path, values, keys, f"{metric} by template")

@@ -26,9 +26,13 @@ from ..errors import GenAdapterError
 from .costs import Meter
 from .engine import Engine
 from .methods import Adapted, EvalContext, Method, SFTConfig
+from .report import fmt, markdown_table, mean
 from .templates import Template
 
 log = logging.getLogger(__name__)
+
+# 2: one template shared by all methods, picked on their pooled dev split (1: each method picked its own)
+PROTOCOL = 2
 
 
 @dataclass
@@ -54,6 +58,7 @@ class CommonConfig:
     plots: bool = True
     progress: bool | None = None  # None: bars only on a terminal
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    all_templates: bool = False  # also answer the test items under every candidate template
 
 
 def load_adapter(config: CommonConfig) -> GenerativeAdapter:
@@ -116,12 +121,60 @@ def prompt_facts(prompted: Sequence, method: Method, adapted: Adapted, answer_to
     }
 
 
+def template_key(templates: dict[str, Template] | dict[str, str]) -> str:
+    """One name for the templates of every slot, e.g. 'qa-chat' or 'persona-statement-plain+reply-turn-plain'."""
+    return "+".join(t if isinstance(t, str) else t.name for t in templates.values())
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (0 for fewer than two values)."""
+    n = len(values)
+    if not n:
+        return 0.0, 0.0
+    mu = sum(values) / n
+    if n < 2:
+        return mu, 0.0
+    return mu, (sum((v - mu) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def pick_template(names: Sequence[str], dev: Sequence[dict[str, list[float]]], forced: Template | None = None) -> dict:
+    """Choose among `names` (the first is the training format) from dev values {name: per-item values}, one dict per
+    method (pooled when several). The best mean wins, unless the two best are within one standard error of their
+    paired difference: then the training format is kept, since a dev split cannot tell them apart."""
+    pooled = {name: [v for d in dev for v in d.get(name, [])] for name in names}
+    stats = {}
+    for name, values in pooled.items():
+        mu, se = mean_and_se(values)
+        stats[name] = {"mean": mu, "se": se, "n": len(values)}
+    record: dict[str, Any] = {"dev": stats}
+    if forced is not None:
+        return {"chosen": forced.name, "how": "forced by --template", **record}
+    if not any(pooled.values()):
+        return {"chosen": names[0], "how": "training format (no dev items)", **record}
+    ranked = sorted(names, key=lambda n: (-stats[n]["mean"], names.index(n)))
+    best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
+    if second is None:
+        return {"chosen": best, "how": "the only candidate", **record}
+    a, b = pooled[best], pooled[second]
+    if len(a) == len(b) and a:
+        diff_se = mean_and_se([x - y for x, y in zip(a, b, strict=True)])[1]
+    else:
+        diff_se = (stats[best]["se"] ** 2 + stats[second]["se"] ** 2) ** 0.5
+    gap = stats[best]["mean"] - stats[second]["mean"]
+    record["gap_to_second"] = {"template": second, "difference": gap, "se": diff_se}
+    if gap <= diff_se:
+        how = f"training format: the two best ({best}, {second}) are within one standard error on dev"
+        return {"chosen": names[0], "how": how, **record}
+    return {"chosen": best, "how": "best mean on the dev split, by more than one standard error", **record}
+
+
 class Store:
-    """Append-only JSONL of finished work, keyed by method + item id (items) or group id (contexts)."""
+    """Append-only JSONL of finished work: items keyed by method + template + item id, contexts (one adaptation,
+    answered under one or more templates) by method + group id."""
 
     def __init__(self, out: Path):
         self.path = out / "records.jsonl"
-        self.items: dict[tuple[str, str], dict] = {}
+        self.items: dict[tuple[str, str, str], dict] = {}
         self.contexts: dict[tuple[str, str], dict] = {}
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
@@ -133,13 +186,14 @@ class Store:
 
     def _index(self, record: dict) -> None:
         if record.get("kind") == "item":
-            self.items[(record["method"], record["id"])] = record
+            template = record.get("template") or template_key(record.get("templates", {}))
+            self.items[(record["method"], template, record["id"])] = record
         elif record.get("kind") == "context":
             self.contexts[(record["method"], record["group"])] = record
 
-    def done(self, method: str, group: Group) -> bool:
+    def done(self, method: str, group: Group, templates: Sequence[str]) -> bool:
         return (method, group.context.id) in self.contexts and all(
-            (method, item.id) in self.items for item in group.items
+            (method, t, item.id) in self.items for t in templates for item in group.items
         )
 
     def add(self, records: list[dict]) -> None:
@@ -190,61 +244,66 @@ class Runner:
 
     # ---- template selection -------------------------------------------------------------------
 
-    def select_templates(self, method: Method, dev_groups: list[Group], forced: dict[str, Template]) -> dict:
-        """Each slot's template for `method`: forced, cached from an earlier run, or best on dev."""
+    def choose_templates(
+        self, methods: Sequence[Method], dev_groups: list[Group], forced: dict[str, Template]
+    ) -> tuple[dict[str, Template], dict[str, dict[str, Template]]]:
+        """(the shared template of every slot, each method's own choice). The shared one is what every method is
+        compared under: forced by --template, or picked on the dev items of all methods pooled. Dev scores are
+        measured once per method and kept in templates.json, so a resumed run picks the same templates."""
         slots = self.scenario.slots
-        cached = self.templates.get(method.name)
         by_name = {slot: {t.name: t for t in cands} for slot, cands in slots.items()}
-        if cached and all(cached.get(s, {}).get("chosen") in by_name[s] for s in slots):
-            if all(forced[s].name == cached[s]["chosen"] for s in forced):
-                return {s: by_name[s][cached[s]["chosen"]] for s in slots}
-        record: dict[str, dict] = {}
-        to_pick = [s for s in slots if s not in forced]
-        for slot in forced:
-            record[slot] = {"chosen": forced[slot].name, "how": "forced by --template"}
-        dev_items = sum(len(g.items) for g in dev_groups)
-        if to_pick and dev_items:
-            scores = self._dev_scores(method, dev_groups, to_pick)
-            for slot in to_pick:
-                means = {name: sum(v) / len(v) for name, v in scores[slot].items()}
-                best = max(means.values())
-                chosen = next(t.name for t in slots[slot] if means[t.name] == best)  # ties: training format
-                record[slot] = {
-                    "chosen": chosen,
-                    "how": f"best mean {self.scenario.dev_metric[slot]} on the dev split",
-                    "dev_scores": means,
-                    "dev_items": dev_items,
-                }
-        for slot in to_pick:
-            record.setdefault(slot, {"chosen": slots[slot][0].name, "how": "default (no dev items)"})
-        self.templates[method.name] = record
+        scores: dict[str, dict[str, dict[str, list[float]]]] = {}  # method -> slot -> template -> dev values
+        saved = self.templates.get("dev_scores", {})
+        for method in methods:
+            if method.name in saved and all(slot in saved[method.name] for slot in slots):
+                scores[method.name] = saved[method.name]
+            elif sum(len(g.items) for g in dev_groups):
+                scores[method.name] = self._dev_scores(method, dev_groups)
+                saved[method.name] = scores[method.name]  # kept at once: a killed run does not score it again
+                self.templates["dev_scores"] = saved
+                self.templates_path.write_text(json.dumps(self.templates, indent=2) + "\n")
+        own: dict[str, dict[str, dict]] = {}
+        for method in methods:
+            own[method.name] = {
+                slot: pick_template(
+                    [t.name for t in slots[slot]], [scores.get(method.name, {}).get(slot, {})], forced.get(slot)
+                )
+                for slot in slots
+            }
+        shared = {
+            slot: pick_template([t.name for t in slots[slot]], [s[slot] for s in scores.values()], forced.get(slot))
+            for slot in slots
+        }
+        self.templates = {"shared": shared, "methods": own, "dev_scores": scores}
         self.templates_path.write_text(json.dumps(self.templates, indent=2) + "\n")
-        return {s: by_name[s][record[s]["chosen"]] for s in slots}
+        return (
+            {slot: by_name[slot][shared[slot]["chosen"]] for slot in slots},
+            {m: {slot: by_name[slot][choice[slot]["chosen"]] for slot in slots} for m, choice in own.items()},
+        )
 
-    def _dev_scores(self, method: Method, groups: list[Group], slots: list[str]) -> dict[str, dict[str, list]]:
+    def template_grid(self) -> list[dict[str, Template]]:
+        """Every candidate template, one combination per round: round j takes candidate j of every slot (slots are
+        scored independently, as on dev)."""
+        slots = self.scenario.slots
+        rounds = max(len(c) for c in slots.values())
+        return [{s: c[min(j, len(c) - 1)] for s, c in slots.items()} for j in range(rounds)]
+
+    def _dev_scores(self, method: Method, groups: list[Group]) -> dict[str, dict[str, list[float]]]:
         candidates = self.scenario.slots
-        rounds = max(len(candidates[s]) for s in slots)
-        scores: dict[str, dict[str, list]] = {s: {t.name: [] for t in candidates[s]} for s in slots}
+        scores: dict[str, dict[str, list[float]]] = {s: {t.name: [] for t in candidates[s]} for s in candidates}
+        grid = self.template_grid()
         bar = tqdm(groups, desc=f"{self.scenario.name} {method.name} dev", disable=self._quiet(), leave=False)
         for group in bar:
             adapted = method.adapt(group.context)
             try:
-                for j in range(rounds):
-                    # round j tries candidate j of every slot (slots are evaluated independently)
-                    templates = {s: candidates[s][min(j, len(candidates[s]) - 1)] for s in candidates}
+                for j, templates in enumerate(grid):
                     results = self.scenario.evaluate(method, [(adapted, item) for item in group.items], templates)
-                    for slot in slots:
-                        if j < len(candidates[slot]):
+                    for slot, cands in candidates.items():
+                        if j < len(cands):
                             metric = self.scenario.dev_metric[slot]
-                            scores[slot][candidates[slot][j].name] += [
-                                r[metric] for r in results if r.get(metric) is not None
-                            ]
+                            scores[slot][cands[j].name] += [r[metric] for r in results if r.get(metric) is not None]
             finally:
                 method.release(adapted)
-        for slot in slots:  # a template with no dev values (e.g. no items of that kind) scores 0
-            for name, values in scores[slot].items():
-                if not values:
-                    scores[slot][name] = [0.0]
         return scores
 
     def _quiet(self) -> bool | None:
@@ -256,13 +315,16 @@ class Runner:
         self,
         method: Method,
         groups: list[Group],
-        templates: dict[str, Template],
+        templates: dict[str, Template] | Sequence[dict[str, Template]],
         block: int = 8,
         block_key: Callable[[Group], Any] | None = None,
     ) -> None:
-        """Evaluate every group not finished yet. The contexts of one block (up to `block`, all with the
-        same `block_key`, e.g. the same length bin, so latencies stay comparable) are answered together."""
-        pending = [g for g in groups if not self.store.done(method.name, g)]
+        """Evaluate every group not finished yet, under one set of templates or several (each context is adapted
+        once and answered under each). The contexts of one block (up to `block`, all with the same `block_key`,
+        e.g. the same length bin, so latencies stay comparable) are answered together."""
+        combos = [templates] if isinstance(templates, dict) else list(templates)
+        keys = [template_key(c) for c in combos]
+        pending = [g for g in groups if not self.store.done(method.name, g, keys)]
         self.skipped[method.name] = len(groups) - len(pending)
         if not pending:
             return
@@ -275,43 +337,50 @@ class Runner:
             blocks += [same[i : i + step] for i in range(0, len(same), step)]
         bar = tqdm(total=len(pending), desc=f"{self.scenario.name} {method.name}", unit="ctx", disable=self._quiet())
         for batch in blocks:
-            self.store.add(self._block(method, batch, templates))
+            self.store.add(self._block(method, batch, combos))
             bar.update(len(batch))
         bar.close()
 
-    def _block(self, method: Method, groups: list[Group], templates: dict[str, Template]) -> list[dict]:
+    def _block(self, method: Method, groups: list[Group], combos: list[dict[str, Template]]) -> list[dict]:
         adapted: list[Adapted] = []
         adapt_meters: list[Meter] = []
+        answered: list[tuple[dict[str, Template], list[dict], float, Meter]] = []
         try:
             for group in groups:
                 with Meter() as meter:
                     adapted.append(method.adapt(group.context))
                 adapt_meters.append(meter)
             rows = [(a, item) for a, g in zip(adapted, groups, strict=True) for item in g.items]
-            with Meter() as answer:
-                results = self.scenario.evaluate(method, rows, templates) if rows else []
+            for templates in combos:
+                with Meter() as answer:
+                    results = self.scenario.evaluate(method, rows, templates) if rows else []
+                answered.append((templates, results, answer.seconds / max(1, len(rows)), answer))
         finally:
             for a in adapted:
                 method.release(a)
-        latency = answer.seconds / max(1, len(rows))
-        records, cursor = [], 0
-        template_names = {s: t.name for s, t in templates.items()}
+        records = []
+        for templates, results, latency, _ in answered:
+            cursor = 0
+            for group in groups:
+                n = len(group.items)
+                for item, result in zip(group.items, results[cursor : cursor + n], strict=True):
+                    records.append(
+                        {
+                            "kind": "item",
+                            "method": method.name,
+                            "id": item.id,
+                            "group": group.context.id,
+                            **group.info,
+                            **result,
+                            "template": template_key(templates),
+                            "templates": {s: t.name for s, t in templates.items()},
+                            "latency_s": latency,
+                        }
+                    )
+                cursor += n
+        _, _, latency, answer = answered[0]  # the context's answering cost under the first (headline) templates
         for group, a, meter in zip(groups, adapted, adapt_meters, strict=True):
             n = len(group.items)
-            for item, result in zip(group.items, results[cursor : cursor + n], strict=True):
-                records.append(
-                    {
-                        "kind": "item",
-                        "method": method.name,
-                        "id": item.id,
-                        "group": group.context.id,
-                        **group.info,
-                        **result,
-                        "templates": template_names,
-                        "latency_s": latency,
-                    }
-                )
-            cursor += n
             records.append(
                 {
                     "kind": "context",
@@ -336,8 +405,11 @@ class Runner:
 
     # ---- results ------------------------------------------------------------------------------
 
-    def item_records(self, method: str, groups: list[Group]) -> list[dict]:
-        return [self.store.items[(method, i.id)] for g in groups for i in g.items if (method, i.id) in self.store.items]
+    def item_records(self, method: str, groups: list[Group], templates: dict[str, Template]) -> list[dict]:
+        """The records of `method`'s items answered under `templates`."""
+        key = template_key(templates)
+        items = self.store.items
+        return [items[(method, key, i.id)] for g in groups for i in g.items if (method, key, i.id) in items]
 
     def context_records(self, method: str, groups: list[Group]) -> list[dict]:
         return [
@@ -359,14 +431,10 @@ def fingerprint_of(scenario: str, ga: GenerativeAdapter, config: CommonConfig, d
         "window": config.window,
         "sft": config.sft.to_dict(),
         "dtype": config.dtype,
+        "protocol": PROTOCOL,
     }
     values.update(extra)
     return values
-
-
-def mean(values: Sequence[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, dev: int) -> dict:
@@ -381,6 +449,7 @@ def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, d
         "batch_size": config.batch_size,
         "window": window,
         "share_prefix": config.share_prefix,
+        "all_templates": config.all_templates,
         "sft": config.sft.to_dict(),
         "device": config.device,
         "dtype": config.dtype,
@@ -392,3 +461,84 @@ def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, d
         "generator_config": ga.config.to_dict(),
         "out": str(config.out) if config.out else None,
     }
+
+
+@dataclass
+class TemplatePlan:
+    """The templates of a run: `shared`, the one every method is compared under (the headline); `own`, what each
+    method's dev split alone would have picked; `combos`, every set of templates the test items were answered
+    under (the shared one first; all candidates with --all-templates)."""
+
+    shared: dict[str, Template]
+    own: dict[str, dict[str, Template]]
+    combos: list[dict[str, Template]]
+
+
+def run_methods(
+    runner: Runner,
+    methods: Sequence[Method],
+    groups_for: Callable[[Method], list[Group]],
+    dev_groups: list[Group],
+    forced: dict[str, Template],
+    all_templates: bool,
+    block: int,
+    block_key: Callable[[Group], Any] | None = None,
+) -> TemplatePlan:
+    """Pick the templates, then answer every method's test items under the shared one (and every candidate)."""
+    shared, own = runner.choose_templates(methods, dev_groups, forced)
+    combos = [shared]
+    if all_templates:
+        combos += [c for c in runner.template_grid() if template_key(c) != template_key(shared)]
+    for method in methods:
+        runner.run(method, groups_for(method), combos, block=block, block_key=block_key)
+    return TemplatePlan(shared, own, combos)
+
+
+def template_views(
+    runner: Runner, methods: Sequence[Method], groups_for: Callable[[Method], list[Group]], plan: TemplatePlan
+) -> tuple[dict, str]:
+    """How much the template moves each method: ({method: {template: {metric: test mean}}}, a markdown section).
+    The metrics are the ones templates are picked by (the scenario's dev metrics)."""
+    metrics = list(dict.fromkeys(runner.scenario.dev_metric.values()))
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for method in methods:
+        for combo in plan.combos:
+            records = runner.item_records(method.name, groups_for(method), combo)
+            if records:
+                table.setdefault(method.name, {})[template_key(combo)] = {
+                    m: mean([r[m] for r in records if r.get(m) is not None]) for m in metrics
+                }
+
+    def cell(method: str, key: str) -> str:
+        values = table.get(method, {}).get(key)
+        return " / ".join(fmt(values[m]) for m in metrics) if values else "not run (--all-templates)"
+
+    shared_key = template_key(plan.shared)
+    how = "; ".join(f"{slot}: {rec['how']}" for slot, rec in runner.templates.get("shared", {}).items())
+    lines = [
+        f"Every method above is compared under the same template, `{shared_key}` ({how}). "
+        f"Cells: test {' / '.join(metrics)}.",
+        "",
+    ]
+    own_rows = []
+    for method in methods:
+        own_key = template_key(plan.own[method.name])
+        dev = runner.templates.get("methods", {}).get(method.name, {})
+        dev_text = "; ".join(
+            f"{rec['chosen']} {fmt(rec['dev'].get(rec['chosen'], {}).get('mean'))} ± "
+            f"{fmt(rec['dev'].get(rec['chosen'], {}).get('se'))} (n {rec['dev'].get(rec['chosen'], {}).get('n', 0)})"
+            for rec in dev.values()
+        )
+        own_rows.append(
+            [method.name, own_key, dev_text or "–", cell(method.name, own_key), cell(method.name, shared_key)]
+        )
+    lines.append("Each method's own choice (a second view: its dev split alone picks the template):")
+    lines.append("")
+    lines.append(
+        markdown_table(["method", "own template", "dev mean ± se (n)", "test, own template", "test, shared"], own_rows)
+    )
+    if len(plan.combos) > 1:
+        keys = [template_key(c) for c in plan.combos]
+        lines += ["", "Every candidate template on the test items:", ""]
+        lines.append(markdown_table(["method", *keys], [[m.name, *(cell(m.name, k) for k in keys)] for m in methods]))
+    return table, "\n".join(lines)
