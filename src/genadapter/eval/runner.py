@@ -289,21 +289,28 @@ class Runner:
         return [{s: c[min(j, len(c) - 1)] for s, c in slots.items()} for j in range(rounds)]
 
     def _dev_scores(self, method: Method, groups: list[Group]) -> dict[str, dict[str, list[float]]]:
+        """Per-item dev values of every candidate template; contexts are adapted and answered in blocks, as the
+        test items are."""
         candidates = self.scenario.slots
         scores: dict[str, dict[str, list[float]]] = {s: {t.name: [] for t in candidates[s]} for s in candidates}
         grid = self.template_grid()
-        bar = tqdm(groups, desc=f"{self.scenario.name} {method.name} dev", disable=self._quiet(), leave=False)
-        for group in bar:
-            adapted = method.adapt(group.context)
+        step = 1 if method.one_context_at_a_time else max(1, self.config.batch_size)
+        blocks = [groups[i : i + step] for i in range(0, len(groups), step)]
+        for block in tqdm(blocks, desc=f"{self.scenario.name} {method.name} dev", disable=self._quiet(), leave=False):
+            adapted: list[Adapted] = []
             try:
+                for group in block:
+                    adapted.append(method.adapt(group.context))
+                rows = [(a, item) for a, g in zip(adapted, block, strict=True) for item in g.items]
                 for j, templates in enumerate(grid):
-                    results = self.scenario.evaluate(method, [(adapted, item) for item in group.items], templates)
+                    results = self.scenario.evaluate(method, rows, templates)
                     for slot, cands in candidates.items():
                         if j < len(cands):
                             metric = self.scenario.dev_metric[slot]
                             scores[slot][cands[j].name] += [r[metric] for r in results if r.get(metric) is not None]
             finally:
-                method.release(adapted)
+                for a in adapted:
+                    method.release(a)
         return scores
 
     def _quiet(self) -> bool | None:
