@@ -115,9 +115,22 @@ class GenerativeAdapter:
         return [ids for ids in self.tokenizer(docs, add_special_tokens=False)["input_ids"] if ids]
 
     def chunk(self, documents: list[list[int]]) -> list[list[int]]:
-        """Split each document into chunks of w tokens; chunks never cross documents."""
-        w = self.config.chunk_size
-        return [doc[i : i + w] for doc in documents for i in range(0, len(doc), w)]
+        """Split each document into chunks of at most w tokens; chunks never cross documents. With the config's
+        context_bos each document starts with the BOS token; with chunk_split "even" a document of n tokens becomes
+        ceil(n / w) chunks of ceil(n / ceil(n / w)) tokens, the last one shorter (the authors' windows)."""
+        if self.config.context_bos:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise GenAdapterError("this generator starts contexts with a BOS token, and the tokenizer has none")
+            documents = [[bos, *doc] for doc in documents]
+        chunks = []
+        for doc in documents:
+            w = self.config.chunk_size
+            if self.config.chunk_split == "even" and len(doc) > w:
+                pieces = -(-len(doc) // w)  # ceil(n / w)
+                w = -(-len(doc) // pieces)
+            chunks += [doc[i : i + w] for i in range(0, len(doc), w)]
+        return chunks
 
     def pad(self, sequences: Sequence[Sequence[int]], side: str = "right") -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask), both (N, T_max)."""
@@ -131,26 +144,33 @@ class GenerativeAdapter:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def encode_chunks(self, chunks: Sequence[Sequence[int]]) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Frozen-LM hidden states of independently encoded chunks (positions restart at 0).
+    def encode_chunks(
+        self, chunks: Sequence[Sequence[int]], adapters: dict[str, Tensor] | None = None
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """Frozen-LM hidden states of independently encoded chunks (positions restart at 0), or with `adapters`
+        (as `batch_adapters` gives them) those of the LM so adapted: chunk_mode "sequential".
 
         Returns (hidden_states, mask): hidden_states[l] (N, T, d) enters decoder layer l."""
         ids, mask = self.pad(chunks)
-        with self.injector.activate(None):
+        with self.injector.activate(adapters):
             out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return out.hidden_states, mask
 
     def encode_chunks_with_memory(
-        self, chunks: Sequence[Sequence[int]], owner: Tensor | None = None, rows: int | None = None
+        self,
+        chunks: Sequence[Sequence[int]],
+        owner: Tensor | None = None,
+        rows: int | None = None,
+        adapters: dict[str, Tensor] | None = None,
     ) -> tuple[tuple[Tensor, ...], Tensor, dict[str, Tensor]]:
         """encode_chunks, plus the chunks' next-token memory sums ({} when the generator has no memory): all in one
         sum, or chunk n into row owner[n] of `rows` sums."""
         memory = self.generator.memory
         if memory is None:
-            return (*self.encode_chunks(chunks), {})
+            return (*self.encode_chunks(chunks, adapters), {})
         sums = memory.empty_sums(rows, self.device)
         with memory.capturing(self.model) as keys:
-            hidden, mask = self.encode_chunks(chunks)
+            hidden, mask = self.encode_chunks(chunks, adapters)
         targets = memory.targets(self.model.get_output_embeddings(), self.pad(chunks)[0], hidden[-1])
         memory.write(keys, targets, mask, sums, owner)
         return hidden, mask, sums
@@ -168,18 +188,22 @@ class GenerativeAdapter:
 
     @torch.no_grad()
     def absorb(self, context: Context, batch_size: int = 8, progress: bool | None = None) -> ContextState:
-        """Turn a context into a state in one frozen forward per batch of chunks (O(batch) memory)."""
+        """Turn a context into a state in one frozen forward per batch of chunks (O(batch) memory). In chunk_mode
+        "sequential" the chunks are read in order, one per forward, each by the LM adapted with the state of those
+        before it (batch_size is then unused): O(1) memory for a context of any length."""
         if batch_size < 1:
             raise GenAdapterError("batch_size must be at least 1")
         chunks = self.chunk(self.tokenize_context(context))
         if not chunks:
             raise GenAdapterError("the context is empty: nothing to absorb")
         state = self.empty_state()
-        starts = range(0, len(chunks), batch_size)
+        sequential = self.config.chunk_mode == "sequential"
+        starts = range(0, len(chunks), 1 if sequential else batch_size)
         show = len(starts) > 1 if progress is None else progress
-        for start in tqdm(starts, desc="absorbing", unit="batch", disable=not show):
-            batch = chunks[start : start + batch_size]
-            hidden, mask, memory_sums = self.encode_chunks_with_memory(batch)
+        for start in tqdm(starts, desc="absorbing", unit="chunk" if sequential else "batch", disable=not show):
+            batch = chunks[start : start + (1 if sequential else batch_size)]
+            adapters = self.batch_adapters(state, 1) if sequential and state.num_tokens else None
+            hidden, mask, memory_sums = self.encode_chunks_with_memory(batch, adapters=adapters)
             for name, total in memory_sums.items():
                 state.sums[name] += total.cpu()
             for name, per_chunk in self.generator.chunk_states(hidden, mask).items():

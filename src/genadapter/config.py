@@ -10,6 +10,8 @@ from .errors import GenAdapterError
 
 NORMALIZATIONS = ("svd", "frobenius")
 MEMORY_TARGETS = ("next", "error")
+CHUNK_MODES = ("independent", "sequential")
+CHUNK_SPLITS = ("fixed", "even")
 MEMORY_FIELDS = (
     "memory_layers",
     "memory_module",
@@ -20,10 +22,11 @@ MEMORY_FIELDS = (
     "memory_background",
 )
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
-OVERRIDABLE = ("rank", "value_shift", *MEMORY_FIELDS)
+ENCODING_FIELDS = ("chunk_mode", "chunk_split", "context_bos")
+OVERRIDABLE = ("rank", "value_shift", *ENCODING_FIELDS, *MEMORY_FIELDS)
 # fields added after the first generators shipped: left out of fingerprints while they hold their default, so older
 # generators keep their fingerprints and the states made with them stay valid
-_LATER_FIELDS = ("value_shift", *MEMORY_FIELDS)
+_LATER_FIELDS = ("value_shift", *ENCODING_FIELDS, *MEMORY_FIELDS)
 
 
 def check_overrides(overrides: dict) -> None:
@@ -52,6 +55,26 @@ class GeneratorConfig:
     normalization: str = field(
         default="svd",
         metadata={"help": "'svd': S~ = U_r V_r^T (paper); 'frobenius': S / ||S||_F (ablation)."},
+    )
+    chunk_mode: str = field(
+        default="independent",
+        metadata={
+            "help": "How the chunks of a context are encoded: 'independent', each by the frozen LM alone, so states "
+            "add and subtract exactly (genadapter's default); 'sequential', chunk i by the LM adapted with the state "
+            "of chunks < i, which is then added to that state (the authors' FastLoRA encoding): states of this mode "
+            "do not add or subtract, and a context is absorbed one chunk at a time."
+        },
+    )
+    chunk_split: str = field(
+        default="fixed",
+        metadata={
+            "help": "How a document is cut into chunks: 'fixed', chunks of chunk_size tokens and a shorter last one; "
+            "'even', ceil(n / chunk_size) chunks of ceil(n / that) tokens (the authors' windows)."
+        },
+    )
+    context_bos: bool = field(
+        default=False,
+        metadata={"help": "Start every context document with the tokenizer's BOS token (as the authors' code does)."},
     )
     value_shift: int = field(
         default=0,
@@ -126,6 +149,10 @@ class GeneratorConfig:
             raise GenAdapterError(f"memory_ridge must be positive, got {self.memory_ridge}")
         if self.memory_targets not in MEMORY_TARGETS:
             raise GenAdapterError(f"memory_targets must be one of {MEMORY_TARGETS}, got {self.memory_targets!r}")
+        if self.chunk_mode not in CHUNK_MODES:
+            raise GenAdapterError(f"chunk_mode must be one of {CHUNK_MODES}, got {self.chunk_mode!r}")
+        if self.chunk_split not in CHUNK_SPLITS:
+            raise GenAdapterError(f"chunk_split must be one of {CHUNK_SPLITS}, got {self.chunk_split!r}")
         if self.normalization not in NORMALIZATIONS:
             raise GenAdapterError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
 

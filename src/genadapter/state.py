@@ -1,7 +1,8 @@
 """ContextState: what a context leaves behind — per-module sums S = Σ Kᵀ V and a token count.
 
 States are sums over tokens, so they add (union of contexts) and subtract (exact removal of a context
-absorbed before, up to fp32 rounding). The state, not the normalised adapter, is what is stored.
+absorbed before, up to fp32 rounding). The state, not the normalised adapter, is what is stored. States of a
+generator with chunk_mode "sequential" neither add nor subtract: each chunk's sum depends on the chunks before it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor
 
-from .errors import IncompatibleStateError, StateFileError
+from .errors import GenAdapterError, IncompatibleStateError, StateFileError
 from .fileio import write_atomic
 
 FORMAT = "genadapter-state/1"
@@ -40,8 +41,20 @@ class ContextState:
                 f"vs {other.generator_fingerprint} on {other.base_model}"
             )
 
+    @property
+    def chunk_mode(self) -> str:
+        """How the generator encoded the chunks (GeneratorConfig.chunk_mode); states saved before it existed are
+        independent."""
+        return self.generator_config.get("chunk_mode", "independent")
+
     def _combine(self, other: ContextState, sign: int) -> ContextState:
         self._check_compatible(other)
+        if self.chunk_mode != "independent":
+            raise GenAdapterError(
+                f"states of a generator with chunk_mode {self.chunk_mode!r} cannot be added or subtracted: each chunk "
+                "was encoded with the adapter of the chunks before it, so the sum of two states is not the state of "
+                "the two contexts. Addition is exact only in chunk_mode 'independent'; absorb the whole context instead"
+            )
         num_tokens = self.num_tokens + sign * other.num_tokens
         if num_tokens < 0:
             raise IncompatibleStateError("cannot subtract a state with more tokens than this one holds")

@@ -75,6 +75,12 @@ def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapte
     else:
         config.generator.base_model = base_name
         generator = AdapterGenerator.for_model(model, config.generator)
+    if generator.config.chunk_mode != "independent":
+        raise TrainingError(
+            f"training and held-out scoring encode a context's chunks independently, and this generator's chunk_mode "
+            f"is {generator.config.chunk_mode!r}: set generator_overrides {{'chunk_mode': 'independent'}} to train "
+            "it that way (not how the authors trained it)"
+        )
     return GenerativeAdapter(model, tokenizer, generator, base_name)
 
 
@@ -281,7 +287,15 @@ def train(config: TrainConfig) -> Path:
     def elapsed_s() -> float:  # training time of the whole run, across resumes: what the time box counts
         return elapsed_before + time.monotonic() - started
 
+    # The step never waits for the device: losses and gradient norms stay there until a log line, an evaluation or a
+    # checkpoint moves them to the host in one transfer (check_steps), which also stops at a non-finite one.
+    pending: list[tuple[int, str, dict[str, torch.Tensor]]] = []  # (step, kind, losses) not yet on the host
     window: list[tuple[str, dict[str, float]]] = []  # (kind, losses) of the steps since the last log line
+
+    def check_steps() -> None:
+        window.extend(host_losses(pending, checkpoint))
+        pending.clear()
+
     progress = tqdm(
         range(start, config.steps),
         initial=start,
@@ -291,34 +305,22 @@ def train(config: TrainConfig) -> Path:
     )
     done = start
     for step in progress:
-        if config.max_minutes:
-            if elapsed_s() >= 60 * config.max_minutes:
-                accelerator.set_trigger()
-            if accelerator.check_trigger():  # every process stops at the same step (DDP)
-                accelerator.print(f"time box of {config.max_minutes} min reached after {step} steps")
-                break
+        if config.max_minutes and time_box_reached(accelerator, config, step - start, elapsed_s()):
+            accelerator.print(f"time box of {config.max_minutes} min reached after {step} steps")
+            break
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, step, elapsed_s())
         kind, batch, rng = _batch(config, step, accelerator.process_index, stream, examples)
         losses = forward_backward(accelerator, trainer, kind, batch, rng, config.micro_batch_size)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss.item()} at step {step}; the last checkpoint ({checkpoint}) is intact — "
-                "lower lr or grad_clip and resume"
-            )
         grad_norm = accelerator.clip_grad_norm_(ga.generator.parameters(), config.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(
-                f"gradient norm is {grad_norm.item()} at step {step}; checkpoint {checkpoint} is intact"
-            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         tokens += seq_len * config.batch_size if kind == "pretrain" else config.batch_size * config.max_context_tokens
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        window.append((kind, {"grad_norm": grad_norm.item(), **{k: v.item() for k, v in losses.items()}}))
+        pending.append((step, kind, {"grad_norm": grad_norm, **losses}))
         if (step + 1) % config.log_every == 0:
+            check_steps()
+            progress.set_postfix(loss=f"{window[-1][1]['loss']:.3f}")
             write(
                 {
                     "step": step + 1,
@@ -330,12 +332,15 @@ def train(config: TrainConfig) -> Path:
             )
             window.clear()
         if accelerator.is_main_process and (step + 1) % config.eval_every == 0:
+            check_steps()
             ga.generator.eval()
             write({"step": step + 1, "eval": heldout.evaluate(ga)})
             ga.generator.train()
         if accelerator.is_main_process and time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+            check_steps()
             _save_checkpoint(checkpoint, ga.generator, optimizer, step + 1, elapsed_s(), config)
             last_save = time.monotonic()
+    check_steps()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out / "generator"
@@ -345,6 +350,42 @@ def train(config: TrainConfig) -> Path:
     write({"step": done, "elapsed_s": trained_s, "final_eval": metrics})
     accelerator.print(json.dumps(metrics, indent=2))
     return out / "generator"
+
+
+def host_losses(
+    pending: list[tuple[int, str, dict[str, torch.Tensor]]], checkpoint: Path
+) -> list[tuple[str, dict[str, float]]]:
+    """(kind, losses) of the pending steps as floats, moved to the host in one transfer, or TrainingError at the first
+    step whose loss or gradient norm is not finite (its update already ran; the caller checks before every
+    checkpoint, so the last checkpoint predates it)."""
+    if not pending:
+        return []
+    flat = torch.stack([value.detach().float().reshape(()) for _, _, losses in pending for value in losses.values()])
+    values, out = iter(flat.tolist()), []
+    for step, kind, losses in pending:
+        host = {key: next(values) for key in losses}
+        if not math.isfinite(host["loss"]):
+            raise TrainingError(
+                f"loss is {host['loss']} at step {step}; the last checkpoint ({checkpoint}) is intact — "
+                "lower lr or grad_clip and resume"
+            )
+        if not math.isfinite(host["grad_norm"]):
+            raise TrainingError(
+                f"gradient norm is {host['grad_norm']} at step {step}; checkpoint {checkpoint} is intact"
+            )
+        out.append((kind, host))
+    return out
+
+
+def time_box_reached(accelerator: Accelerator, config: TrainConfig, steps_run: int, elapsed_s: float) -> bool:
+    """Whether the run's time box is spent, by the host clock. With several processes they must stop at the same
+    step: they agree through one all-reduce every log_every steps instead of every step (it waits for the device)."""
+    reached = elapsed_s >= 60 * config.max_minutes
+    if accelerator.num_processes == 1:
+        return reached
+    if reached:
+        accelerator.set_trigger()
+    return steps_run % config.log_every == 0 and accelerator.check_trigger()
 
 
 def window_means(window: list[tuple[str, dict[str, float]]]) -> dict[str, float]:
