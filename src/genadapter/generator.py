@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,7 @@ from .memory import BACKGROUND_PREFIX, NextTokenMemory, memory_modules
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"  # a PEFT adapter directory, e.g. the authors' FastLoRA generators
 
 
 @lru_cache(maxsize=4)
@@ -51,17 +54,23 @@ def batched_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     return values.view(gram.shape[:-1]), vectors.view(gram.shape)
 
 
-def _svd_via_gram(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _without_autocast(device: torch.device) -> AbstractContextManager:
+    # meta tensors (tests/test_device_normalise.py: nothing reaches the host) have no autocast
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+
+
+def _svd_via_gram(S: Tensor, on_device: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Reduced SVD (U, σ descending, Vh) of a batch of small matrices from the fp64 eigendecomposition of the
     smaller Gram matrix: SᵀS = V Σ² Vᵀ, U = S V Σ⁻¹. Why: for the 240 96×96 states of a training step on CPU,
     `linalg.svd` took 0.21 s and this eigendecomposition 0.13 s (0.24 → 0.19 s for the normalisation's forward +
     backward; both loop over the batch serially). fp64 keeps the squared condition number harmless at fp32 input
-    precision; columns of U for σ = 0 are returned as zero."""
+    precision; columns of U for σ = 0 are returned as zero. `on_device` solves with torch.linalg.eigh where S lives
+    instead of `batched_eigh`'s CPU threads."""
     if S.shape[-2] < S.shape[-1]:  # wide: factor Sᵀ and swap the roles of U and V
-        U, sigma, Vh = _svd_via_gram(S.mT)
+        U, sigma, Vh = _svd_via_gram(S.mT, on_device)
         return Vh.mT, sigma, U.mT
     S64 = S.double()
-    eigenvalues, V = batched_eigh(S64.mT @ S64)  # ascending
+    eigenvalues, V = (torch.linalg.eigh if on_device else batched_eigh)(S64.mT @ S64)  # ascending
     sigma, V = eigenvalues.flip(-1).clamp_min(0).sqrt(), V.flip(-1)
     U = (S64 @ V) / torch.where(sigma > 0, sigma, 1).unsqueeze(-2)
     return U.to(S.dtype), sigma.to(S.dtype), V.mT.to(S.dtype)
@@ -79,13 +88,13 @@ class _SVDNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S: Tensor, rank: int) -> Tensor:  # S: (..., R1, R2)
-        with torch.autocast(S.device.type, enabled=False):
-            return _SVDNormalize._forward(ctx, S, rank)
+    def forward(ctx, S: Tensor, rank: int, on_device: bool = False) -> Tensor:  # S: (..., R1, R2)
+        with _without_autocast(S.device):
+            return _SVDNormalize._forward(ctx, S, rank, on_device)
 
     @staticmethod
-    def _forward(ctx, S: Tensor, rank: int) -> Tensor:
-        U, sigma, Vh = _svd_via_gram(S)
+    def _forward(ctx, S: Tensor, rank: int, on_device: bool) -> Tensor:
+        U, sigma, Vh = _svd_via_gram(S, on_device)
         U, sigma, Vh = U[..., :rank], sigma[..., :rank], Vh[..., :rank, :]
         tol = sigma[..., :1].clamp_min(torch.finfo(S.dtype).tiny) * max(S.shape[-2:]) * torch.finfo(S.dtype).eps
         keep = (sigma > tol).to(S.dtype)  # (..., r): numerically zero directions stay zero
@@ -94,10 +103,10 @@ class _SVDNormalize(torch.autograd.Function):
         return U @ Vh
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         U, sigma, Vh, keep = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False):
-            return _SVDNormalize._backward(grad.to(U.dtype), U, sigma, Vh, keep), None
+        with _without_autocast(grad.device):
+            return _SVDNormalize._backward(grad.to(U.dtype), U, sigma, Vh, keep), None, None
 
     @staticmethod
     def _backward(grad: Tensor, U: Tensor, sigma: Tensor, Vh: Tensor, keep: Tensor) -> Tensor:
@@ -108,12 +117,184 @@ class _SVDNormalize(torch.autograd.Function):
         return U @ inner @ Vh
 
 
-def normalize_state(S: Tensor, config: GeneratorConfig) -> Tensor:
-    """Normalised state S~ (..., R1, R2); computed in fp32 or fp64, never in half precision."""
+# The device path of the SVD normalisation: matrix products only (see _PolarNormalize).
+POLAR_LOWER = 1.7  # lower end of the Newton–Schulz interval, in units of the cut; up to 1.8 the map's 1/2 stays
+# below the cut for 1 to 4,096 rows, so polar_schedule's gain ≤ 1
+POLAR_PURIFY_STEPS = 4
+POLAR_BOUND_SQUARINGS = 4  # s overestimates σ₁ by at most n^(1/64): 7.4 % for n = 96
+Schedule = tuple[float, tuple[tuple[float, float], ...]]
+
+
+def polar_map(x: float, schedule: Schedule) -> float:
+    """What the device path does to one singular value x of S / s (s ≥ σ₁): the scalar map F of _polar_steps."""
+    gain, steps = schedule
+    x *= gain
+    for a, b in steps:
+        x = a * x + b * x**3
+    for _ in range(POLAR_PURIFY_STEPS):
+        x = 2.5 * x**3 - 1.5 * x**5
+    return x
+
+
+@lru_cache(maxsize=32)
+def polar_schedule(cut: float, stop: float = 0.99) -> Schedule:
+    """(gain, steps) of the device path for singular values in [0, 1] whose cut-off is `cut`: the scaled
+    Newton–Schulz steps X ← a X + b X XᵀX that take every singular value in [POLAR_LOWER · cut, 1] into [stop, 1],
+    per step the optimal cubic for the current interval [l, 1] (α = √(3 / (1 + l + l²)), a = 3α/2, b = −α³/2, whose
+    values at l and 1 meet at the new lower end: l grows about 2.6× a step); and the gain ≤ 1 by which S / s is
+    scaled first so that the whole map (polar_map, purifying steps included) sends `cut` to exactly 1/2. Below the
+    interval the steps are nearly linear, so where the cut lands depends on how far the last step overshoots
+    `stop`: 0.65–0.95 · cut for the cut-offs of 1 to 4,096 rows; the gain moves it to `cut`."""
+    steps, low = [], POLAR_LOWER * cut
+    while low < stop:
+        alpha = (3 / (1 + low + low * low)) ** 0.5
+        a, b = 1.5 * alpha, -0.5 * alpha**3
+        steps.append((a, b))
+        low = a * low + b * low**3
+    below, above = 0.0, POLAR_LOWER * cut  # polar_map rises on [0, POLAR_LOWER · cut]: bisect for its 1/2
+    for _ in range(200):
+        middle = (below + above) / 2
+        below, above = (middle, above) if polar_map(middle, (1.0, tuple(steps))) < 0.5 else (below, middle)
+    if below > cut:
+        raise GenAdapterError(f"no device-path schedule for the cut-off {cut}")  # a gain > 1 could leave [0, 1]
+    return below / cut, tuple(steps)
+
+
+def spectral_upper_bound(gram: Tensor, squarings: int = POLAR_BOUND_SQUARINGS) -> Tensor:
+    """An upper bound (...,) of the largest eigenvalue of the PSD matrices `gram` (..., n, n), at most a factor
+    n^(1/2^(squarings + 1)) above it: ‖G^(2^k)‖_F^(1/2^k), by repeated squaring renormalised at each step."""
+    tiny = torch.finfo(gram.dtype).tiny
+    norm = torch.linalg.matrix_norm(gram)
+    power, log_bound = gram / norm.clamp_min(tiny)[..., None, None], norm.clamp_min(tiny).log()
+    for k in range(1, squarings + 1):
+        power = power @ power
+        norm = torch.linalg.matrix_norm(power).clamp_min(tiny)
+        power, log_bound = power / norm[..., None, None], log_bound + norm.log() / 2**k
+    return torch.where(gram.flatten(-2).abs().amax(-1) > 0, log_bound.exp(), 0)
+
+
+def _polar_steps(
+    X: Tensor, steps: tuple[tuple[float, float], ...], tangent: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The scaled Newton–Schulz steps (a, b), then POLAR_PURIFY_STEPS steps X ← X(5/2 A − 3/2 A²) (A = XᵀX:
+    singular values x ↦ 5/2 x³ − 3/2 x⁵, which sends x > 0.816 to 1 and x < 0.816 to 0, both superlinearly), on
+    X (B, m, n), m ≥ n; with `tangent`, also the derivative of the steps along that direction."""
+    for a, b in steps:
+        A = X.mT @ X
+        if tangent is not None:
+            dX = tangent.mT @ X
+            dA = dX + dX.mT
+            tangent = torch.baddbmm(torch.baddbmm(tangent, tangent, A, beta=a, alpha=b), X, dA, alpha=b)
+        X = torch.baddbmm(X, X, A, beta=a, alpha=b)
+    for _ in range(POLAR_PURIFY_STEPS):
+        A = X.mT @ X
+        M = torch.baddbmm(A, A, A, beta=2.5, alpha=-1.5)
+        if tangent is not None:
+            dX = tangent.mT @ X
+            dA = dX + dX.mT
+            AdA = A @ dA
+            dM = 2.5 * dA - 1.5 * (AdA + AdA.mT)
+            tangent = torch.baddbmm(tangent @ M, X, dM)
+        X = X @ M
+    return X, tangent
+
+
+class _PolarNormalize(torch.autograd.Function):
+    """S -> U Vᵀ on the numerically non-zero singular directions (rank = min(R1, R2)), from matrix products only:
+    the device path of normalize_state.
+
+    Why: the exact path eigendecomposes the Gram matrices on CPU threads, a host round trip per step on a GPU, and
+    on the GPU itself cuSOLVER solves eigenproblems larger than 32 × 32 one matrix at a time (1.26 ms each for
+    96 × 96 on an H200: 9.7 s for the 7,680 states of one batch-32 pretraining step). Here every step is one
+    batched matmul over all states; nothing leaves the device and the iteration count is fixed (no data-dependent
+    stopping, so no sync).
+
+    Forward, in fp64 (a step sends singular values near 1 down to ~2.6 × its interval's lower end, 5 · 10⁻⁵ at first
+    for 96 × 96 states, by cancellation: in fp32 the rounding of each product would swamp those directions):
+    X = gain · S / s with s ≥ σ₁ (spectral_upper_bound of SᵀS), then the steps of polar_schedule for
+    cut = max(R1, R2) · eps(fp32) — the exact path's cut-off for fp32 states, in units of s ≈ σ₁ — and the purifying
+    steps of _polar_steps. Singular values above 1.6 · cut end within 10⁻⁹ of 1 and those below 0.6 · cut under
+    10⁻⁷, so rank-deficient states (repeated zero singular values) keep their zero directions. The exact path decides
+    the same directions except those within that band around its cut-off, or within the ≤ 7.4 % by which s
+    overestimates σ₁: directions at the noise floor of an fp32 state, which its rounding decides in either path. (The
+    cut uses eps(fp32) for fp64 states too.) 13 + 4 steps for 96 × 96 states: 43 batched matmuls forward, 102
+    backward.
+
+    Backward: the exact path's gradient U [(g − gᵀ) / (σᵢ + σⱼ)] Vᵀ, g = Uᵀ ∇ V on the kept directions. The map
+    X ↦ U F(Σ) Vᵀ computed by the steps has a self-adjoint derivative, so the gradient is its derivative along the
+    incoming gradient (carried through the same steps, recomputed from S: no iterates stored), projected onto the
+    kept directions (Q Qᵀ · Qᵀ Q). With F = 1 and F′ = 0 on the kept singular values it equals the exact path's."""
+
+    @staticmethod
+    def forward(ctx, S: Tensor) -> Tensor:  # S: (B, R1, R2)
+        with _without_autocast(S.device):
+            X, scale, steps = _PolarNormalize._setup(S)
+            Q, _ = _polar_steps(X, steps)
+            ctx.save_for_backward(S, scale)
+            return _PolarNormalize._unwide(Q, S).to(S.dtype)
+
+    @staticmethod
+    def _setup(S: Tensor) -> tuple[Tensor, Tensor, tuple[tuple[float, float], ...]]:
+        """X = gain · S / s (tall), the scale s / gain (B,) and the Newton–Schulz steps."""
+        gain, steps = polar_schedule(max(S.shape[-2:]) * torch.finfo(torch.float32).eps)
+        X = _PolarNormalize._tall(S).double()
+        scale = spectral_upper_bound(X.mT @ X).sqrt() / gain
+        return X * _PolarNormalize._inverse(scale), scale, steps
+
+    @staticmethod
+    def _inverse(scale: Tensor) -> Tensor:  # (B, 1, 1); 0 for a zero state, whose output and gradient are zero
+        return torch.where(scale > 0, 1 / scale, 0)[:, None, None]
+
+    @staticmethod
+    def _tall(S: Tensor) -> Tensor:
+        return S.mT if S.shape[-2] < S.shape[-1] else S
+
+    @staticmethod
+    def _unwide(X: Tensor, S: Tensor) -> Tensor:
+        return X.mT if S.shape[-2] < S.shape[-1] else X
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        S, scale = ctx.saved_tensors
+        with _without_autocast(grad.device):
+            X, _, steps = _PolarNormalize._setup(S)
+            tangent = _PolarNormalize._tall(grad).double() * _PolarNormalize._inverse(scale)
+            Q, tangent = _polar_steps(X, steps, tangent)
+            tangent = Q @ ((Q.mT @ tangent) @ (Q.mT @ Q))  # onto the kept directions, on both sides
+            return _PolarNormalize._unwide(tangent, S).to(S.dtype)
+
+
+NORMALIZER_ENV = "GENADAPTER_NORMALIZER"
+NORMALIZERS = ("auto", "exact", "device")
+
+
+def normalizer_for(S: Tensor, method: str | None = None) -> str:
+    """The path normalize_state takes for S, "exact" or "device": `method` if given, else $GENADAPTER_NORMALIZER,
+    else "auto", which is "exact" for CPU tensors and "device" for tensors on any other device."""
+    method = method or os.environ.get(NORMALIZER_ENV) or "auto"
+    if method not in NORMALIZERS:
+        raise GenAdapterError(f"normalizer must be one of {list(NORMALIZERS)}, got {method!r} (${NORMALIZER_ENV})")
+    if method == "auto":
+        return "exact" if S.device.type == "cpu" else "device"
+    return method
+
+
+def normalize_state(S: Tensor, config: GeneratorConfig, method: str | None = None) -> Tensor:
+    """Normalised state S~ (..., R1, R2); computed in fp32 or fp64, never in half precision.
+
+    The SVD normalisation has two paths that compute the same S~ (tests/test_device_normalise.py), chosen by
+    normalizer_for: "exact" (CPU tensors): an fp64 eigendecomposition of the Gram matrices on CPU threads
+    (_SVDNormalize); "device" (any other device): everything stays where S is — matrix products only when nothing
+    is truncated (rank = min(R1, R2), _PolarNormalize), else the exact path's math with torch.linalg.eigh on the
+    device (a truncated rank needs the ordering of the singular values)."""
     if S.dtype in (torch.float16, torch.bfloat16):
         S = S.float()
     if config.normalization == "svd":
-        return _SVDNormalize.apply(S, config.rank)
+        if normalizer_for(S, method) == "exact":
+            return _SVDNormalize.apply(S, config.rank, False)
+        if config.rank < min(S.shape[-2:]):
+            return _SVDNormalize.apply(S, config.rank, True)
+        return _PolarNormalize.apply(S.reshape(-1, *S.shape[-2:])).reshape(S.shape)
     norm = torch.linalg.matrix_norm(S).clamp_min(1e-12)
     return S / norm[..., None, None]
 
@@ -288,8 +469,13 @@ class AdapterGenerator(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module, overrides: dict | None = None) -> AdapterGenerator:
         """A saved generator for `model`; `overrides` changes config fields no weight depends on (OVERRIDABLE),
-        e.g. {"memory_layers": 15} to add the next-token memory to a generator trained without it."""
+        e.g. {"memory_layers": 15} to add the next-token memory to a generator trained without it. A PEFT-style
+        directory of the authors' FastLoRA generators (adapter_config.json) is read by fastlora.py."""
         directory = Path(directory)
+        if (directory / PEFT_CONFIG_FILE).is_file() and not (directory / CONFIG_FILE).is_file():
+            from .fastlora import load_fastlora  # fastlora.py builds on this module
+
+            return load_fastlora(directory, model, overrides)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise ModelLoadError(f"{directory} is not a generator directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
         generator = cls.for_model(model, GeneratorConfig.load(directory / CONFIG_FILE).with_overrides(overrides))

@@ -19,6 +19,15 @@ from .config import TrainConfig
 from .data import Example
 
 
+def to_device(values: list[int], device: torch.device) -> Tensor:
+    """A list of ints as a tensor on `device`, without waiting for the device: a plain copy to a GPU waits for all
+    the work queued before it, a non-blocking one from pinned memory does not."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
     """Sum of chunk states per context, with grad into the generator: name -> (E, R1, R2); plus the next-token
     memory sums (no grad) when the generator has a memory."""
@@ -27,7 +36,7 @@ def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> di
         pieces = ga.chunk(documents)
         chunks += pieces
         owner += [index] * len(pieces)
-    owner_t = torch.tensor(owner, device=ga.device)
+    owner_t = to_device(owner, ga.device)
     hidden, mask, out = ga.encode_chunks_with_memory(chunks, owner_t, len(contexts))
     for name, per_chunk in ga.generator.chunk_states(hidden, mask).items():
         out[name] = per_chunk.new_zeros((len(contexts), *per_chunk.shape[1:])).index_add(0, owner_t, per_chunk)
@@ -36,7 +45,7 @@ def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> di
 
 def context_adapters(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
     """What the LM is run with for each context: normalised states (E, R1, R2), plus memory maps when on."""
-    tokens = torch.tensor([sum(len(doc) for doc in documents) for documents in contexts])
+    tokens = to_device([sum(len(doc) for doc in documents) for documents in contexts], ga.device)
     return ga.generator.adapters(context_states(ga, contexts), tokens)
 
 
@@ -114,9 +123,12 @@ def plain_lm_head(model) -> bool:
 
 
 def row_means(values: Tensor, keep: Tensor) -> Tensor:
-    """Mean per row (N,) of `values` (K,), given at the K True positions of the bool `keep` (N, T), row by row."""
+    """Mean per row (N,) of `values` (K,), given at the K True positions of the bool `keep` (N, T), row by row.
+    The row of the k-th value is the number of rows whose running count of kept positions is ≤ k (searchsorted,
+    not keep.nonzero(), whose size would have to come back from the device)."""
     counts = keep.sum(1)
-    return values.new_zeros(len(counts)).index_add(0, keep.nonzero()[:, 0], values) / counts.clamp_min(1)
+    rows = torch.searchsorted(counts.cumsum(0), torch.arange(len(values), device=values.device), right=True)
+    return values.new_zeros(len(counts)).index_add(0, rows, values) / counts.clamp_min(1)
 
 
 def target_nll(
@@ -170,7 +182,7 @@ def pretrain_losses(
         per_chunk |= ga.generator.chunk_states(hidden, mask)
         # prefix sums (batch·n, R1, R2), each normalised once: completion rows reuse those of reconstruction
         sums = {k: v.view(batch, n, *v.shape[1:]).cumsum(1).flatten(0, 1) for k, v in per_chunk.items()}
-        tokens = torch.tensor([w * (i + 1) for _ in range(batch) for i in range(n)])
+        tokens = (w * torch.arange(1, n + 1, device=ga.device)).repeat(batch)  # w · (i + 1) per prefix
         prefix = {k: v.view(batch, n, *v.shape[1:]) for k, v in ga.generator.adapters(sums, tokens).items()}
     chunks = [seq[i * w : (i + 1) * w] for seq in sequences for i in range(n)]
     targets, tasks = [], []
@@ -202,10 +214,9 @@ def pretrain_losses(
         nll, nll_other = target_nll(ga, ids.repeat(2, 1), mask.repeat(2, 1), mask.repeat(2, 1), both)[0].chunk(2)
     else:
         nll, _ = target_nll(ga, ids, mask, mask, per_target(prefix) if prefix else None)
-    task_t = np.array(tasks)
-    losses = {
-        task: nll[torch.from_numpy(task_t == task)].mean() for task in ("completion", "reconstruction") if task in tasks
-    }
+    completion = tasks.count("completion")  # the rows of `targets`: completion first, then reconstruction
+    parts = {"completion": nll[:completion], "reconstruction": nll[completion:]}  # slices: no mask to send over
+    losses = {task: part.mean() for task, part in parts.items() if task in tasks}
     losses["loss"] = torch.stack(list(losses.values())).mean()
     if contrast:
         losses["contrast"] = torch.relu(config.contrast_margin - (nll_other - nll)).mean()
