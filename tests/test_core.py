@@ -145,3 +145,20 @@ def test_embedded_model_always_ends_turns_with_im_end(tmp_path, monkeypatch):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == end
     assert model.generation_config.eos_token_id == end == model.generation_config.pad_token_id
+
+
+def test_atomic_writes_get_the_usual_file_and_directory_modes(tmp_path):
+    """Outputs are built in temporary files (0600) and directories (0700): they must end with the modes a plain write
+    would have given them, or other users and tools cannot read a state, a PEFT directory or a results file."""
+    import os
+
+    from genadapter.fileio import write_atomic, write_dir_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "f.json", lambda p: p.write_text("{}"))
+        write_dir_atomic(tmp_path / "d", lambda p: (p / "m").write_text("x"), marker="m")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -20,6 +20,17 @@ def _describe(exc: OSError, target: Path) -> GenAdapterError:
     return GenAdapterError(f"cannot write {target}: {exc.strerror or exc}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a temporary file (0600) or directory (0700) the mode a plain open() or mkdir() would have given it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_path) on a temporary file next to target, then rename it into place."""
     target = Path(target)
@@ -31,6 +42,7 @@ def write_atomic(target: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
+        _usual_mode(tmp)
         write(Path(tmp))
         os.replace(tmp, target)
     except OSError as exc:
@@ -59,6 +71,7 @@ def write_dir_atomic(target: str | Path, write: Callable[[Path], None], marker: 
     parent = target.parent if str(target.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
     try:
+        _usual_mode(tmp, directory=True)
         write(tmp)
         if target.exists():
             shutil.rmtree(target)
