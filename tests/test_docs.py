@@ -82,11 +82,30 @@ def test_results_page_tables_match_their_run_files():
     assert table_problems(text, RESULTS_PAGE.parent) == []
 
 
-def test_results_page_names_release_8():
+def test_results_page_names_release_8_and_archives_the_old_protocol():
     text = RESULTS_PAGE.read_text()
     assert "5b91070a00fd5e8a" in text
-    for run in ("squad-release8-qaplain", "tweetqa-release8", "icl-release8", "persona-release8"):
-        assert f"experiments/results/{run}/results.md" in text, run
+    assert "experiments/results/squad-release8-protocol2/results.md" in text
+    assert "experiments/results-release8-protocol1.md" in text  # the per-method-template tables, kept
+
+
+def shared_template_problems(text: str) -> list[str]:
+    """Tables with a template column whose rows name more than one template (methods not compared alike)."""
+    problems = []
+    for lineno, lines, _ in tables(text):
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        if "template" in header:
+            column = header.index("template")
+            used = {row.strip("|").split("|")[column].strip() for row in lines[2:]}
+            if len(used) != 1:
+                problems.append(f"line {lineno}: methods under different templates {sorted(used)}")
+    return problems
+
+
+def test_every_results_table_compares_methods_under_one_template():
+    assert shared_template_problems(RESULTS_PAGE.read_text()) == []
+    mixed = "| method | f1 | template |\n|---|---|---|\n| a | 1 | qa-chat |\n| b | 2 | qa-plain |\n"
+    assert shared_template_problems(mixed)  # the check can fail
 
 
 FIXTURE_SOURCE = """# run
