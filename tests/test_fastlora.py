@@ -20,10 +20,11 @@ from conftest import TEXT_A, TEXT_B, make_adapter, make_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import MistralForCausalLM
 
 from genadapter import ContextState, GenAdapterError, GenerativeAdapter, GeneratorConfig
 from genadapter.config import OVERRIDABLE
+from genadapter.testing import make_mistral
 
 PROMPT = "Where is the tower? It is in"
 WINDOW = 16
@@ -33,18 +34,7 @@ SHAPES = {"truncated": (16, 12, 4), "full-rank": (12, 8, 8)}
 
 
 def tiny_mistral(vocab_size: int) -> MistralForCausalLM:
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-    )
-    return MistralForCausalLM(config).eval().requires_grad_(False)
+    return make_mistral(vocab_size, initializer_range=0.1)
 
 
 def fastlora_config(inter_size: int, r: int, max_rank: int, **changes) -> dict:

@@ -17,7 +17,7 @@ from transformers import MistralConfig, MistralForCausalLM
 import genadapter.train.loop as loop
 from genadapter.config import GeneratorConfig
 from genadapter.generator import AdapterGenerator
-from genadapter.testing import make_tokenizer
+from genadapter.testing import make_mistral, make_tokenizer
 from genadapter.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,19 +82,17 @@ def test_paper_generator_has_the_parameter_count_the_memory_plan_uses():
 def tiny_mistral(tmp_path_factory) -> Path:
     """A random Mistral with the real one's module names (o_proj 64 → 64), and the tiny byte tokenizer."""
     tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
+    model = make_mistral(
+        len(tokenizer),
         hidden_size=HIDDEN,
         intermediate_size=224,  # 3.5 × hidden, as 14,336 / 4,096
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
         num_key_value_heads=1,
         max_position_embeddings=2048,
         sliding_window=None,
     )
     directory = tmp_path_factory.mktemp("tiny-mistral")
-    MistralForCausalLM(config).save_pretrained(directory)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

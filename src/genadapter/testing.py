@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 from .adapter import GenerativeAdapter
 from .config import GeneratorConfig
@@ -50,6 +50,21 @@ def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def make_mistral(vocab_size: int, seed: int = 0, **config) -> MistralForCausalLM:
+    """A tiny random Mistral (hidden 64, 2 layers) with the real one's module names; `config` changes its fields."""
+    torch.manual_seed(seed)
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return MistralForCausalLM(MistralConfig(**{**values, **config})).eval().requires_grad_(False)
 
 
 def tiny_config(**overrides) -> GeneratorConfig:
