@@ -1,6 +1,7 @@
 """Training recipes on the tiny model: losses behave, runs resume after SIGKILL, NaN stops with a message."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -485,6 +486,19 @@ def test_generator_overrides_continue_a_generator_at_another_rank_and_shift(tiny
         tiny_train_config(base, tmp_path / "o", init_generator=str(gen), generator_overrides={"key_dim": 8})
     with pytest.raises(GenAdapterError, match="init_generator"):
         tiny_train_config(base, tmp_path / "o", generator_overrides={"rank": 3})
+
+
+def test_base_dtype_loads_the_frozen_lm_in_bf16_and_keeps_the_generator_fp32(tiny_dirs, tmp_path):
+    base, _ = tiny_dirs
+    config = tiny_train_config(base, tmp_path / "bf16", steps=2, base_dtype="bfloat16")
+    ga = build_adapter(config, torch.device("cpu"))
+    assert ga.model.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in ga.generator.parameters())
+    final = train(config)
+    log = [json.loads(line) for line in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 2 and all(map(math.isfinite, losses)) and (final / "generator.safetensors").is_file()
+    with pytest.raises(GenAdapterError, match="base_dtype"):
+        build_adapter(tiny_train_config(base, tmp_path / "x", base_dtype="float8"), torch.device("cpu"))
 
 
 def test_finalize_rebuilds_a_run_that_continued_a_generator_with_overrides(tiny_dirs, tmp_path):

@@ -69,7 +69,10 @@ def lr_factor(config: TrainConfig, step: int, elapsed_s: float) -> float:
 
 
 def build_adapter(config: TrainConfig, device: torch.device) -> GenerativeAdapter:
-    base_name, model, tokenizer = load_base(config.base, device=str(device))
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if config.base_dtype not in dtypes:
+        raise TrainingError(f"base_dtype must be one of {', '.join(dtypes)}, got {config.base_dtype!r}")
+    base_name, model, tokenizer = load_base(config.base, dtype=dtypes[config.base_dtype], device=str(device))
     if config.init_generator:
         generator = AdapterGenerator.load(config.init_generator, model, config.generator_overrides)
     else:
