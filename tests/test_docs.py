@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PAGE = ROOT / "docs" / "results.md"
 MODEL_CARD = ROOT / "src" / "genadapter" / "assets" / "smollm2-135m-instruct" / "MODEL_CARD.md"
 LINKED_DOCS = [
-    RESULTS_PAGE,
+    ROOT / "README.md",
     MODEL_CARD,
     ROOT / "CHANGELOG.md",
+    *sorted((ROOT / "docs").glob("*.md")),
     *sorted((ROOT / "docs" / "experiments").glob("*.md")),
+    *sorted((ROOT / "configs").glob("*/README.md")),
 ]
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
