@@ -191,17 +191,9 @@ class ICLScenario(Scenario):
 
     def evaluate(self, method: Method, rows: list[tuple[Adapted, ICLItem]], templates: dict) -> list[dict]:
         template = templates["icl"]
-        score_rows, owners = [], []
-        for index, (adapted, item) in enumerate(rows):
-            if item.options:
-                continuations = [" " + o for o in item.options]
-                reserve = max(self.engine.count(c) for c in continuations)
-                score_rows += [(adapted, template, item.input, c, reserve) for c in continuations]
-                owners += [index] * len(continuations)
-        scored = method.score(score_rows) if score_rows else []
-        by_item: dict[int, list] = {}
-        for owner, value in zip(owners, scored, strict=True):
-            by_item.setdefault(owner, []).append(value)
+        by_item = self.score_options(
+            method, [(adapted, template, item.input, item.options) if item.options else None for adapted, item in rows]
+        )
         generate_idx = [i for i, (_, item) in enumerate(rows) if not item.options]
         generated = method.generate(
             [(rows[i][0], template, rows[i][1].input) for i in generate_idx], self.max_new_tokens

@@ -176,21 +176,18 @@ class KnowledgeScenario(Scenario):
         template = templates["qa"]
         out = method.generate([(a, template, item.question) for a, item in rows], self.max_new_tokens)
         options = [named_options(item.question, item.answers) for _, item in rows]
-        score_rows, owners = [], []
-        for index, ((adapted, item), named) in enumerate(zip(rows, options, strict=True)):
-            if named:
-                continuations = [" " + option for option in named[0]]
-                reserve = max(self.engine.count(c) for c in continuations)
-                score_rows += [(adapted, template, item.question, c, reserve) for c in continuations]
-                owners += [index] * len(continuations)
-        scored: dict[int, list[float]] = {}
-        for owner, (value, _) in zip(owners, method.score(score_rows) if score_rows else [], strict=True):
-            scored.setdefault(owner, []).append(value)
+        scored = self.score_options(
+            method,
+            [
+                (a, template, item.question, named[0]) if named else None
+                for (a, item), named in zip(rows, options, strict=True)
+            ],
+        )
         results = []
         for index, ((adapted, item), (answer, prompted)) in enumerate(zip(rows, out, strict=True)):
             option_acc = None
-            if index in scored:
-                values = scored[index]
+            if scored[index] is not None:
+                values = [value for value, _ in scored[index]]
                 option_acc = 100.0 * (max(range(len(values)), key=values.__getitem__) == options[index][1])
             results.append(
                 {

@@ -162,16 +162,10 @@ class PersonaScenario(Scenario):
 
     def evaluate(self, method: Method, rows: list[tuple[Adapted, object]], templates: dict) -> list[dict]:
         recall_t, reply_t = templates["recall"], templates["reply"]
-        score_rows, owners = [], []
-        for index, (adapted, item) in enumerate(rows):
-            if isinstance(item, RecallItem):
-                continuations = [" " + c for c in item.candidates]
-                reserve = max(self.engine.count(c) for c in continuations)
-                score_rows += [(adapted, recall_t, "", c, reserve) for c in continuations]
-                owners += [index] * len(continuations)
-        scored: dict[int, list] = {}
-        for owner, value in zip(owners, method.score(score_rows) if score_rows else [], strict=True):
-            scored.setdefault(owner, []).append(value)
+        scored = self.score_options(
+            method,
+            [(a, recall_t, "", item.candidates) if isinstance(item, RecallItem) else None for a, item in rows],
+        )
         reply_idx = [i for i, (_, item) in enumerate(rows) if isinstance(item, ReplyItem)]
         replies = method.generate([(rows[i][0], reply_t, rows[i][1].message) for i in reply_idx], self.max_new_tokens)
         generated = dict(zip(reply_idx, replies, strict=True))

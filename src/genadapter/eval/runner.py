@@ -25,7 +25,7 @@ from ..adapter import GenerativeAdapter
 from ..errors import GenAdapterError
 from .costs import Meter
 from .engine import Engine
-from .methods import Adapted, EvalContext, Method, SFTConfig
+from .methods import Adapted, EvalContext, Method, Prompted, SFTConfig
 from .report import fmt, markdown_table, mean
 from .templates import Template
 
@@ -104,6 +104,25 @@ class Scenario:
     def __init__(self, engine: Engine, max_new_tokens: int):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+
+    def score_options(
+        self, method: Method, asks: Sequence[tuple[Adapted, Template, str, Sequence[str]] | None]
+    ) -> list[list[tuple[float, Prompted]] | None]:
+        """Multiple choice: for each ask (adapted context, template, query, options), the summed log-probability of
+        every option (continuation " " + option) after the query, with its prompt; None where the ask is None. All
+        options of all asks are scored in one call, each with room kept for its ask's longest option."""
+        rows, owners = [], []
+        for index, ask in enumerate(asks):
+            if ask is not None:
+                adapted, template, query, options = ask
+                continuations = [" " + option for option in options]
+                reserve = max(self.engine.count(c) for c in continuations)
+                rows += [(adapted, template, query, c, reserve) for c in continuations]
+                owners += [index] * len(continuations)
+        scored: list[list[tuple[float, Prompted]] | None] = [None] * len(asks)
+        for owner, value in zip(owners, method.score(rows) if rows else [], strict=True):
+            scored[owner] = [*(scored[owner] or []), value]
+        return scored
 
     def evaluate(self, method: Method, rows: list[tuple[Adapted, Any]], templates: dict[str, Template]) -> list[dict]:
         """One result dict per row: metrics, prediction, and prompt facts (see `prompt_facts`)."""
