@@ -312,25 +312,50 @@ class Runner:
         test items are."""
         candidates = self.scenario.slots
         scores: dict[str, dict[str, list[float]]] = {s: {t.name: [] for t in candidates[s]} for s in candidates}
-        grid = self.template_grid()
-        step = 1 if method.one_context_at_a_time else max(1, self.config.batch_size)
-        blocks = [groups[i : i + step] for i in range(0, len(groups), step)]
+        blocks = self._blocks(method, groups, self.config.batch_size)
         for block in tqdm(blocks, desc=f"{self.scenario.name} {method.name} dev", disable=self._quiet(), leave=False):
-            adapted: list[Adapted] = []
-            try:
-                for group in block:
-                    adapted.append(method.adapt(group.context))
-                rows = [(a, item) for a, g in zip(adapted, block, strict=True) for item in g.items]
-                for j, templates in enumerate(grid):
-                    results = self.scenario.evaluate(method, rows, templates)
-                    for slot, cands in candidates.items():
-                        if j < len(cands):
-                            metric = self.scenario.dev_metric[slot]
-                            scores[slot][cands[j].name] += [r[metric] for r in results if r.get(metric) is not None]
-            finally:
-                for a in adapted:
-                    method.release(a)
+            _, _, answered = self._adapt_and_answer(method, block, self.template_grid())
+            for j, (_, results, _) in enumerate(answered):
+                for slot, cands in candidates.items():
+                    if j < len(cands):
+                        metric = self.scenario.dev_metric[slot]
+                        scores[slot][cands[j].name] += [r[metric] for r in results if r.get(metric) is not None]
         return scores
+
+    @staticmethod
+    def _blocks(
+        method: Method, groups: list[Group], block: int, block_key: Callable[[Group], Any] | None = None
+    ) -> list[list[Group]]:
+        """Contexts answered together: up to `block` of them with the same `block_key` (one at a time for a method
+        that holds one context's adapter in the model)."""
+        step = 1 if method.one_context_at_a_time else max(1, block)
+        by_key: dict[Any, list[Group]] = {}
+        for group in groups:
+            by_key.setdefault(block_key(group) if block_key else None, []).append(group)
+        return [same[i : i + step] for same in by_key.values() for i in range(0, len(same), step)]
+
+    def _adapt_and_answer(
+        self, method: Method, groups: list[Group], combos: Sequence[dict[str, Template]]
+    ) -> tuple[list[Adapted], list[Meter], list[tuple[dict[str, Template], list[dict], Meter]]]:
+        """Adapt each context once (metered), then answer all the contexts' items under each set of templates:
+        (adapted, their meters, [(templates, one result per item, the answering meter)])."""
+        adapted: list[Adapted] = []
+        adapt_meters: list[Meter] = []
+        answered: list[tuple[dict[str, Template], list[dict], Meter]] = []
+        try:
+            for group in groups:
+                with Meter() as meter:
+                    adapted.append(method.adapt(group.context))
+                adapt_meters.append(meter)
+            rows = [(a, item) for a, g in zip(adapted, groups, strict=True) for item in g.items]
+            for templates in combos:
+                with Meter() as answer:
+                    results = self.scenario.evaluate(method, rows, templates) if rows else []
+                answered.append((templates, results, answer))
+        finally:
+            for a in adapted:
+                method.release(a)
+        return adapted, adapt_meters, answered
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
@@ -354,13 +379,7 @@ class Runner:
         self.skipped[method.name] = len(groups) - len(pending)
         if not pending:
             return
-        step = 1 if method.one_context_at_a_time else max(1, block)
-        blocks: list[list[Group]] = []
-        by_key: dict[Any, list[Group]] = {}
-        for group in pending:
-            by_key.setdefault(block_key(group) if block_key else None, []).append(group)
-        for same in by_key.values():
-            blocks += [same[i : i + step] for i in range(0, len(same), step)]
+        blocks = self._blocks(method, pending, block, block_key)
         bar = tqdm(total=len(pending), desc=f"{self.scenario.name} {method.name}", unit="ctx", disable=self._quiet())
         for batch in blocks:
             self.store.add(self._block(method, batch, combos))
@@ -368,24 +387,11 @@ class Runner:
         bar.close()
 
     def _block(self, method: Method, groups: list[Group], combos: list[dict[str, Template]]) -> list[dict]:
-        adapted: list[Adapted] = []
-        adapt_meters: list[Meter] = []
-        answered: list[tuple[dict[str, Template], list[dict], float, Meter]] = []
-        try:
-            for group in groups:
-                with Meter() as meter:
-                    adapted.append(method.adapt(group.context))
-                adapt_meters.append(meter)
-            rows = [(a, item) for a, g in zip(adapted, groups, strict=True) for item in g.items]
-            for templates in combos:
-                with Meter() as answer:
-                    results = self.scenario.evaluate(method, rows, templates) if rows else []
-                answered.append((templates, results, answer.seconds / max(1, len(rows)), answer))
-        finally:
-            for a in adapted:
-                method.release(a)
+        adapted, adapt_meters, answered = self._adapt_and_answer(method, groups, combos)
+        items = max(1, sum(len(g.items) for g in groups))
         records = []
-        for templates, results, latency, _ in answered:
+        for templates, results, answer in answered:
+            latency = answer.seconds / items
             cursor = 0
             for group in groups:
                 n = len(group.items)
@@ -404,7 +410,8 @@ class Runner:
                         }
                     )
                 cursor += n
-        _, _, latency, answer = answered[0]  # the context's answering cost under the first (headline) templates
+        _, _, answer = answered[0]  # the context's answering cost under the first (headline) templates
+        latency = answer.seconds / items
         for group, a, meter in zip(groups, adapted, adapt_meters, strict=True):
             n = len(group.items)
             records.append(
