@@ -21,6 +21,15 @@ def _describe(exc: OSError, target: Path) -> GenAdapterError:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the system tells it (os.umask can only set it, and setting
+    it for a moment would affect files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
