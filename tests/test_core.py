@@ -79,6 +79,48 @@ def test_merge_matches_hooks_and_unmerge_restores_bit_exactly(ga):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_merged_generation_equals_hooked_and_leaves_the_original_weights(ga):
+    state = ga.absorb(TEXT_A)
+    weights = {name: (p.data_ptr(), p.detach().clone()) for name, p in ga.model.named_parameters()}
+    prompts = ["Where is the tower?", "Who built it?"]
+    hooked = ga.generate(prompts, state=state, max_new_tokens=20, merge=False)
+    assert ga.generate(prompts, state=state, max_new_tokens=20, merge=True) == hooked
+    assert ga.generate(prompts, state=[state, state], max_new_tokens=20) == hooked  # merged by default at 20 tokens
+    for name, p in ga.model.named_parameters():  # the very same memory, never written
+        assert p.data_ptr() == weights[name][0] and torch.equal(p, weights[name][1])
+    assert not ga.injector.is_merged
+
+
+def test_adapter_factors_are_reused_until_the_state_or_the_generator_changes(ga):
+    state = ga.absorb(TEXT_A)
+    first = ga.adapter_factors(state)
+    assert all(first[k] is v for k, v in ga.adapter_factors(state).items())
+
+    def fresh() -> dict:
+        with torch.no_grad():
+            return ga.generator.adapters({k: v.clone() for k, v in state.sums.items()}, state.num_tokens)
+
+    def check() -> None:
+        factors = ga.adapter_factors(state)
+        assert all(factors[k] is not first[k] for k in first)
+        for key, value in fresh().items():
+            torch.testing.assert_close(factors[key], value, rtol=0, atol=0)
+
+    name = ga.generator.module_names[0]
+    state.sums[name].mul_(3.0)  # changed in place
+    check()
+    first = ga.adapter_factors(state)
+    state.sums[name] = state.sums[name] * 0.5  # replaced
+    check()
+    first = ga.adapter_factors(state)
+    state.num_tokens += 5
+    check()
+    first = ga.adapter_factors(state)
+    with torch.no_grad():
+        ga.generator.block(name).B.mul_(2.0)  # the generator trained on
+    check()
+
+
 def test_save_load_round_trip(ga, tmp_path):
     state = ga.absorb(TEXT_A)
     state.save(tmp_path / "s.gas")

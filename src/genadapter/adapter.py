@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 SHIPPED_GENERATOR = Path(__file__).parent / "assets" / EMBEDDED_MODEL
 Context = str | Sequence[str] | Sequence[int] | Tensor
 StateArg = ContextState | Sequence[ContextState | None] | None
+MERGE_MIN_NEW_TOKENS = 16  # generate merges a single state from this many new tokens on (docs/benchmarks.md)
+
+
+def _same_basis(cached: tuple, current: tuple) -> bool:
+    """Whether cached factors were derived from the same inputs: the same tensor objects (held by the cache, so
+    their ids cannot be reused), unchanged in place since (torch's version counters), and the same token count."""
+    (tokens, device, sums, weights), (tokens_now, device_now, sums_now, weights_now) = cached, current
+    return (
+        tokens == tokens_now
+        and device == device_now
+        and all(
+            len(a) == len(b) and all(x is y and v == w for (x, v), (y, w) in zip(a, b, strict=True))
+            for a, b in ((sums, sums_now), (weights, weights_now))
+        )
+    )
 
 
 class GenerativeAdapter:
@@ -255,11 +270,24 @@ class GenerativeAdapter:
 
     def adapter_factors(self, state: ContextState) -> dict[str, Tensor]:
         """What the injector applies for a state: the normalised S~ per module (R1, R2), plus the next-token memory maps
-        (d_out, k) when the generator has the memory."""
+        (d_out, k) when the generator has the memory. Kept on the state and reused until its sums, its token count
+        or the generator change (an SVD per module and a solve per memory module: 0.14 s for the shipped generator
+        on a 2-core CPU, more than a forward over a short prompt). Treat the tensors as read-only."""
         self.check_state(state)
+        basis = (
+            state.num_tokens,
+            str(self.device),
+            [(t, t._version) for t in state.sums.values()],
+            [(t, t._version) for t in (*self.generator.parameters(), *self.generator.buffers())],
+        )
+        cached = state.cached_factors
+        if cached is not None and _same_basis(cached[0], basis):
+            return dict(cached[1])
         sums = {k: v.to(self.device) for k, v in state.sums.items()}
         with torch.no_grad():
-            return self.generator.adapters(sums, state.num_tokens)
+            factors = self.generator.adapters(sums, state.num_tokens)
+        state.cached_factors = (basis, factors)
+        return dict(factors)
 
     def batch_adapters(self, states: StateArg, batch: int) -> dict[str, Tensor] | None:
         """Stack per-row normalised states to (N, R1, R2); None rows get no adapter (zeros)."""
@@ -276,9 +304,26 @@ class GenerativeAdapter:
             for key, value in template.items()
         }
 
+    def single_state(self, states: StateArg) -> ContextState | None:
+        """The state when one state serves every row (a state, or a list of the very same state), else None."""
+        if isinstance(states, ContextState):
+            return states
+        if states and states[0] is not None and all(s is states[0] for s in states):
+            return states[0]
+        return None
+
     @contextmanager
-    def adapted(self, states: StateArg, batch: int = 1) -> Iterator[None]:
-        """Run the LM with one adapter for all rows, or one per row, inside the block."""
+    def adapted(self, states: StateArg, batch: int = 1, merge: bool = False) -> Iterator[None]:
+        """Run the LM with one adapter for all rows, or one per row, inside the block. With `merge`, a single state
+        is written into the weights for the block (closed-book cost per token; writing it costs
+        2 · Σ d_out · d_in · rank FLOPs, see docs/benchmarks.md) and the original weights come back afterwards."""
+        single = self.single_state(states) if merge else None
+        if single is not None and not self.injector.is_merged:
+            if not isinstance(states, ContextState) and len(states) != batch:
+                raise GenAdapterError(f"got {len(states)} states for {batch} prompts")
+            with self.merged(single):
+                yield
+            return
         with self.injector.activate(self.batch_adapters(states, batch)):
             yield
 
@@ -321,14 +366,19 @@ class GenerativeAdapter:
         state: StateArg = None,
         max_new_tokens: int = 64,
         chat: bool = True,
+        merge: bool | None = None,
         **generate_kwargs,
     ) -> str | list[str]:
-        """Greedy (by default) answers; a list of states gives each prompt its own adapter."""
+        """Greedy (by default) answers; a list of states gives each prompt its own adapter. `merge` writes a state
+        that serves every prompt into the weights while generating; by default (None) it does so when at least
+        MERGE_MIN_NEW_TOKENS tokens may be generated, where the per-token saving outweighs the cost of merging."""
         batch, single = self._as_batch(prompts)
         encoded = [self.tokenizer(self.format_prompt(p, chat), add_special_tokens=False)["input_ids"] for p in batch]
         ids, mask = self.pad(encoded, side="left")
         generate_kwargs.setdefault("do_sample", False)
-        with self.adapted(state, len(batch)):
+        if merge is None:
+            merge = max_new_tokens >= MERGE_MIN_NEW_TOKENS
+        with self.adapted(state, len(batch), merge=merge):
             out = self.model.generate(
                 input_ids=ids,
                 attention_mask=mask,

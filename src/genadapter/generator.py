@@ -325,15 +325,6 @@ class ModuleGenerator(nn.Module):
         product. Folding γ into the weights means no gradient has to flow back into the hidden states."""
         return torch.cat([self.A2, self.A3]) * self.gamma
 
-    def delta(self, x: Tensor, normalized: Tensor, scale: float) -> Tensor:
-        """ΔW x for each row: x (N, T, d_in), normalized (N or 1, R1, R2) -> (N, T, d_out)."""
-        z = (x.to(self.A1.dtype) @ self.A1.T) @ (scale * normalized.to(self.A1.dtype))  # scale the small factor
-        return z @ self.B.T
-
-    def delta_weight(self, normalized: Tensor, scale: float) -> Tensor:
-        """Dense ΔW = scale · B S~ᵀ A1 (d_out, d_in) for merging into the base weight."""
-        return scale * (self.B @ normalized.to(self.B.dtype).T @ self.A1)
-
     def lora_factors(self, normalized: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
         """Exact rank-`rank` factors with ΔW = scale · lora_B @ lora_A (PEFT layout)."""
         U, sigma, Vh = torch.linalg.svd(normalized.float(), full_matrices=False)

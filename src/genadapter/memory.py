@@ -208,15 +208,6 @@ class NextTokenMemory(nn.Module):
             out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
         return out
 
-    def delta(self, name: str, x: Tensor, memory_map: Tensor) -> Tensor:
-        """ΔW x for each row: x (N, T, d_in), memory_map (N or 1, d_out, k) -> (N, T, d_out)."""
-        return self.keys(name, x.to(memory_map.dtype)) @ memory_map.transpose(-1, -2)
-
-    def delta_weight(self, name: str, memory_map: Tensor) -> Tensor:
-        """Dense ΔW = W P (d_out, d_in)."""
-        projection = self.projection(name)
-        return memory_map if projection is None else memory_map @ projection.to(memory_map.dtype)
-
     def lora_factors(self, name: str, memory_map: Tensor) -> tuple[Tensor, Tensor]:
         """Exact factors (lora_A (k', d_in), lora_B (d_out, k')) with ΔW = lora_B @ lora_A."""
         projection = self.projection(name)

@@ -31,6 +31,8 @@ class ContextState:
     base_model: str
     generator_fingerprint: str
     generator_config: dict = field(default_factory=dict)
+    # what GenerativeAdapter.adapter_factors last derived from these sums, with what it was derived from
+    cached_factors: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def _check_compatible(self, other: ContextState) -> None:
         if not isinstance(other, ContextState):

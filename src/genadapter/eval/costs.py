@@ -26,7 +26,8 @@ MEMORY_METHOD = (
 FLOPS_METHOD = (
     "estimates: forward = 2·N·tokens with N = non-embedding parameters + output projection (attention's "
     "length term left out); LoRA fine-tuning = 3·forward per token per epoch; absorb = frozen forward over "
-    "the context (decoder only) + the generator's key/value projections and state products; answering = "
+    "the context (decoder only) + the generator's key/value projections and state products + the next-token "
+    "memory's keys, sums and (error targets) vocabulary projection and expected embedding; answering = "
     "2·N·(prompt + answer tokens) per question (nominal: no prefix caching), + the adapter's low-rank "
     "products per token for genadapter"
 )
@@ -109,13 +110,26 @@ class ModelCosts:
         return 3.0 * self.forward_flops(tokens) * epochs
 
 
-def generator_flops(generator, tokens: int) -> tuple[float, float]:
-    """(absorb FLOPs beyond the frozen forward for `tokens` context tokens, adapter FLOPs per answer token)."""
+def generator_flops(generator, tokens: int, vocab_size: int | None = None) -> tuple[float, float]:
+    """(absorb FLOPs beyond the frozen decoder's forward for `tokens` context tokens, adapter FLOPs per answer token),
+    the next-token memory included: its keys P x, its sums C and G, and with "error" targets the vocabulary
+    projection and the expected next-token embedding (2 · V · d each per token; `vocab_size` V is needed then)."""
     r1, r2 = generator.config.key_dim, generator.config.value_dim
     absorb = adapter = 0.0
     for name in generator.module_names:
         block, spec = generator.block(name), generator.targets[name]
         hidden = block.A2.shape[1]
         absorb += 2.0 * tokens * (hidden * (r1 + r2) + r1 * r2)
-        adapter += 2.0 * (spec.in_features * r1 + r1 * r2 + r2 * spec.out_features)
+        adapter += 2.0 * (spec.in_features * r1 + r1 * spec.out_features)
+    memory = generator.memory
+    if memory is not None:
+        for name in memory.module_names:
+            k, d_in, d_out = memory.key_width(name), memory.in_features[name], memory.out_features[name]
+            keys = d_in * k if memory.projection(name) is not None else 0
+            absorb += 2.0 * tokens * (keys + d_out * k + k * k)
+            adapter += 2.0 * (keys + k * d_out)
+        if generator.config.memory_targets == "error":
+            if vocab_size is None:
+                raise ValueError("the memory's error targets cost a vocabulary projection: pass vocab_size")
+            absorb += 2.0 * tokens * 2 * vocab_size * generator.hidden_size
     return absorb, adapter

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..adapter import GenerativeAdapter
+from ..adapter import MERGE_MIN_NEW_TOKENS, GenerativeAdapter
 from ..state import ContextState
 from .costs import ModelCosts
 
@@ -145,7 +145,7 @@ class Engine:
                 ids[row, shared + width - len(tail) :] = torch.tensor(tail)
                 mask[row, shared + width - len(tail) :] = 1
             ids, mask = ids.to(ga.device), mask.to(ga.device)
-            with ga.adapted(state, len(idx)):
+            with ga.adapted(state, len(idx), merge=max_new_tokens >= MERGE_MIN_NEW_TOKENS):
                 out = ga.model.generate(
                     input_ids=ids,
                     attention_mask=mask,

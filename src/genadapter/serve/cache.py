@@ -11,8 +11,8 @@ from ..state import ContextState
 class StateCache:
     """Holds the newest known version of each context; an entry of an older version is a miss.
 
-    Caches `ContextState`s, not normalised adapters: `GenerativeAdapter.generate` takes states and
-    normalises them itself (see the package docstring for the API addition that would allow more)."""
+    The bound counts the states' sums; each state also keeps its normalised adapter once it has answered (see the
+    package docstring)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
