@@ -3,6 +3,7 @@ import torch
 from conftest import TEXT_A, TEXT_B, make_adapter
 
 from genadapter import ContextState, GenAdapterError, IncompatibleStateError
+from genadapter.adapter import MERGE_MIN_NEW_TOKENS
 
 
 def test_untrained_generator_leaves_the_model_exactly_unchanged():
@@ -83,9 +84,18 @@ def test_merged_generation_equals_hooked_and_leaves_the_original_weights(ga):
     state = ga.absorb(TEXT_A)
     weights = {name: (p.data_ptr(), p.detach().clone()) for name, p in ga.model.named_parameters()}
     prompts = ["Where is the tower?", "Who built it?"]
-    hooked = ga.generate(prompts, state=state, max_new_tokens=20, merge=False)
-    assert ga.generate(prompts, state=state, max_new_tokens=20, merge=True) == hooked
-    assert ga.generate(prompts, state=[state, state], max_new_tokens=20) == hooked  # merged by default at 20 tokens
+    n = MERGE_MIN_NEW_TOKENS  # from here on generate merges by default
+    hooked = ga.generate(prompts, state=state, max_new_tokens=n, merge=False)
+    assert ga.generate(prompts, state=state, max_new_tokens=n, merge=True) == hooked
+    merges = []
+    ga.injector.merge = lambda factors: merges.append(type(ga.injector).merge(ga.injector, factors))
+    try:
+        assert ga.generate(prompts, state=[state, state], max_new_tokens=n) == hooked
+        assert len(merges) == 1
+        ga.generate(prompts, state=state, max_new_tokens=n - 1)
+        assert len(merges) == 1  # too few tokens to repay the merge: hooks
+    finally:
+        del ga.injector.merge
     for name, p in ga.model.named_parameters():  # the very same memory, never written
         assert p.data_ptr() == weights[name][0] and torch.equal(p, weights[name][1])
     assert not ga.injector.is_merged

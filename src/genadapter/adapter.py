@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 SHIPPED_GENERATOR = Path(__file__).parent / "assets" / EMBEDDED_MODEL
 Context = str | Sequence[str] | Sequence[int] | Tensor
 StateArg = ContextState | Sequence[ContextState | None] | None
-MERGE_MIN_NEW_TOKENS = 16  # generate merges a single state from this many new tokens on (docs/benchmarks.md)
+# generate merges a single state from this many new tokens on: merging the shipped generator's state costs about as
+# much as the hooks' overhead on 20 tokens (docs/benchmarks.md, "Adapting and answering")
+MERGE_MIN_NEW_TOKENS = 24
 
 
 def _same_basis(cached: tuple, current: tuple) -> bool:

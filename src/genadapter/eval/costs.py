@@ -79,6 +79,7 @@ class ModelCosts:
     params_per_token: int  # N: non-embedding parameters + output projection
     decoder_params: int  # non-embedding parameters (what a decoder-only forward uses)
     kv_bytes_per_token: int  # 2 · layers · kv_heads · head_dim · dtype bytes
+    vocab_size: int
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelCosts:
@@ -98,6 +99,7 @@ class ModelCosts:
             params_per_token=decoder + head_flops,
             decoder_params=decoder,
             kv_bytes_per_token=2 * cfg.num_hidden_layers * kv_heads * head_dim * dtype_bytes,
+            vocab_size=cfg.vocab_size,
         )
 
     def kv_cache_bytes(self, tokens: int) -> int:
@@ -110,10 +112,10 @@ class ModelCosts:
         return 3.0 * self.forward_flops(tokens) * epochs
 
 
-def generator_flops(generator, tokens: int, vocab_size: int | None = None) -> tuple[float, float]:
+def generator_flops(generator, tokens: int, vocab_size: int) -> tuple[float, float]:
     """(absorb FLOPs beyond the frozen decoder's forward for `tokens` context tokens, adapter FLOPs per answer token),
     the next-token memory included: its keys P x, its sums C and G, and with "error" targets the vocabulary
-    projection and the expected next-token embedding (2 · V · d each per token; `vocab_size` V is needed then)."""
+    projection and the expected next-token embedding (2 · V · d each per token, V = `vocab_size`)."""
     r1, r2 = generator.config.key_dim, generator.config.value_dim
     absorb = adapter = 0.0
     for name in generator.module_names:
@@ -129,7 +131,5 @@ def generator_flops(generator, tokens: int, vocab_size: int | None = None) -> tu
             absorb += 2.0 * tokens * (keys + d_out * k + k * k)
             adapter += 2.0 * (keys + k * d_out)
         if generator.config.memory_targets == "error":
-            if vocab_size is None:
-                raise ValueError("the memory's error targets cost a vocabulary projection: pass vocab_size")
             absorb += 2.0 * tokens * 2 * vocab_size * generator.hidden_size
     return absorb, adapter

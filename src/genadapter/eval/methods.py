@@ -332,7 +332,7 @@ class GenAdapterMethod(Method):
         if not docs:
             return Adapted(context)
         state = self.ga.absorb(docs, batch_size=self.engine.batch_size, progress=False)
-        extra_absorb, _ = generator_flops(self.ga.generator, state.num_tokens)
+        extra_absorb, _ = generator_flops(self.ga.generator, state.num_tokens, self.engine.costs.vocab_size)
         flops = 2.0 * self.engine.costs.decoder_params * state.num_tokens + extra_absorb
         return Adapted(context, state=state, kept_bytes=state.nbytes, flops=flops)
 
@@ -343,7 +343,7 @@ class GenAdapterMethod(Method):
         base = super().answer_flops(adapted, tokens)
         if adapted.state is None:
             return base
-        return base + generator_flops(self.ga.generator, 0)[1] * tokens
+        return base + generator_flops(self.ga.generator, 0, self.engine.costs.vocab_size)[1] * tokens
 
 
 class UnrelatedAdapterMethod(GenAdapterMethod):
