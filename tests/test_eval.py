@@ -11,7 +11,9 @@ from genadapter import GenAdapterError
 from genadapter.cli.eval import eval_app
 from genadapter.eval import ICLConfig, KnowledgeConfig, PersonaConfig, run_icl, run_knowledge, run_persona
 from genadapter.eval.compare import compare_runs, paired_bootstrap
+from genadapter.eval.costs import ModelCosts, generator_flops
 from genadapter.eval.engine import Engine
+from genadapter.eval.knowledge import load_qa, split_dev
 from genadapter.eval.methods import (
     METHODS,
     EvalContext,
@@ -23,6 +25,7 @@ from genadapter.eval.methods import (
     parse_methods,
 )
 from genadapter.eval.persona import build_groups, parse_personachat
+from genadapter.eval.storage import StorageConfig, build_items, run_storage
 from genadapter.eval.templates import KNOWLEDGE
 
 FAST_SFT = SFTConfig(epochs=1, max_length=64)
@@ -456,3 +459,66 @@ def test_all_templates_answers_every_candidate_and_reports_the_sensitivity(ga, t
     with pytest.raises(GenAdapterError, match="template"):
         compare_runs(out, out, "closed-book", "genadapter", template_b=other)
     assert compare_runs(out, out, "closed-book", "genadapter", template_b=other, across_templates=True).n >= 1
+
+
+# ---- storage -------------------------------------------------------------------------------------
+
+
+def test_storage_items_hide_facts_that_cannot_be_guessed(ga):
+    def count(text):
+        return len(ga.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    rows = build_items(ga.tokenizer, [160, 320], facts=2, contexts=3, dev=2, seed=0)
+    assert rows == build_items(ga.tokenizer, [160, 320], facts=2, contexts=3, dev=2, seed=0)
+    assert rows != build_items(ga.tokenizer, [160, 320], facts=2, contexts=3, dev=2, seed=1)
+    test, dev = [r for r in rows if r["split"] == "test"], [r for r in rows if r["split"] == "dev"]
+    assert len(test) == 2 * 3 * 2 and len(dev) == 2 * 2
+    assert sorted({r["length"] for r in test}) == [160, 320]
+    for row in rows:
+        (answer,) = row["answers"]
+        assert answer in row["context"] and answer not in row["question"]
+        assert abs(count(row["context"]) - row["length"]) <= 2 + row["length"] // 20
+    assert len({r["answers"][0] for r in rows}) == len(rows)  # every value is new
+    with pytest.raises(GenAdapterError, match="cannot hold 4 facts"):
+        build_items(ga.tokenizer, [64], facts=4, contexts=1, dev=0, seed=0)
+
+
+def test_storage_end_to_end_by_nominal_length(ga, tmp_path):
+    config = StorageConfig(
+        out=tmp_path / "storage", methods=["closed-book", "genadapter"], lengths=[64, 96], contexts=2, dev=2,
+        max_new_tokens=4, progress=False, plots=False,
+    )  # fmt: skip
+    result = run_storage(config, ga=ga)
+    assert result["scenario"] == "storage"
+    for method in ("closed-book", "genadapter"):
+        assert [(row["length"], row["n"]) for row in result["by_length"][method]] == [(64, 2), (96, 2)]
+    rows = [json.loads(line) for line in (tmp_path / "storage" / "items.jsonl").read_text().splitlines()]
+    dev_questions = {r["question"] for r in rows if r["split"] == "dev"}
+    assert not dev_questions & {item["question"] for item in result["items"]}  # dev items are never reported
+
+
+def test_a_data_file_may_fix_the_dev_split_and_must_name_it_right(tmp_path):
+    rows = [
+        {"context": f"Code {i} is {i}.", "question": f"What is code {i}?", "answers": [str(i)], "split": split}
+        for i, split in enumerate(["dev", "test", "dev", "test"])
+    ]
+    dev, test = split_dev(load_qa(write_jsonl(tmp_path / "qa.jsonl", rows)), 1)
+    assert len(dev) == 1 and dev[0].question in {"What is code 0?", "What is code 2?"}
+    assert [i.question for i in test] == ["What is code 1?", "What is code 3?"]
+    rows[0]["split"] = "train"
+    with pytest.raises(GenAdapterError, match="split must be 'dev' or 'test'"):
+        load_qa(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
+def test_flop_estimates_count_the_next_token_memory():
+    plain = make_adapter()
+    costs = ModelCosts.of(plain.model)
+    absorb, per_token = generator_flops(plain.generator, 10, costs.vocab_size)
+    for targets in ("next", "error"):
+        ga = make_adapter(memory_layers=1, memory_keys=8, memory_targets=targets)
+        (name,) = ga.generator.memory.module_names
+        d_in, d_out = ga.generator.memory.in_features[name], ga.generator.memory.out_features[name]
+        vocabulary = 2 * 2 * costs.vocab_size * ga.generator.hidden_size if targets == "error" else 0
+        with_memory = generator_flops(ga.generator, 10, costs.vocab_size)
+        assert with_memory[0] == pytest.approx(absorb + 10 * (2 * (d_in * 8 + d_out * 8 + 8 * 8) + vocabulary))
+        assert with_memory[1] == pytest.approx(per_token + 2 * (d_in * 8 + 8 * d_out))

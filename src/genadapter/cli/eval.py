@@ -1,7 +1,8 @@
-"""`genadapter eval knowledge | icl | persona | compare`: the paper's three scenarios and paired comparisons.
+"""`genadapter eval knowledge | icl | persona | storage | compare`: the paper's three scenarios, a storage test
+and paired comparisons.
 
 The heavy imports (torch, the models) happen inside the commands, so `--help` stays fast. The Python entry points
-are in `genadapter.eval` (`run_knowledge`, `run_icl`, `run_persona` and their config dataclasses).
+are in `genadapter.eval` (`run_knowledge`, `run_icl`, `run_persona`, `run_storage` and their config dataclasses).
 """
 
 from __future__ import annotations
@@ -249,6 +250,50 @@ def persona_command(
         max_new_tokens=max_new_tokens,
     )  # fmt: skip
     _report(run_persona(config), out, json, "persona")
+
+
+@eval_app.command("storage")
+def storage_command(
+    methods: MethodsOpt = "closed-book,prompting,genadapter,genadapter-unrelated",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the generated items.")] = 0,
+    json: JsonOpt = None,
+    out: OutOpt = None,
+    base: BaseOpt = None,
+    generator: GeneratorOpt = None,
+    lengths: Annotated[
+        str, typer.Option("--lengths", metavar="N,N…", help="Context lengths in tokens, facts included.")
+    ] = "64,256,1024,4096",
+    facts: Annotated[int, typer.Option("--facts", min=1, help="Invented facts per context (capacity).")] = 1,
+    contexts: Annotated[int, typer.Option("--contexts", min=1, help="Test contexts per length.")] = 12,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 20,
+    dev: DevOpt = None,
+    template: TemplateOpt = None,
+    all_templates: AllTemplatesOpt = False,
+    batch_size: BatchOpt = 8,
+    window: WindowOpt = None,
+    sft: SftOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    prefix_cache: PrefixOpt = True,
+    plots: PlotsOpt = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Storage: invented facts (codes, made-up names) hidden in held-out Wikipedia text, by context length."""
+    from ..eval.storage import StorageConfig, run_storage
+
+    config = StorageConfig(
+        **_common(
+            data=None, methods=methods, limit=0, seed=seed, json=json, out=out, base=base, generator=generator,
+            dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
+            device=device, dtype=dtype,
+            share_prefix=prefix_cache, plots=plots, threads=threads,
+        ),
+        max_new_tokens=max_new_tokens,
+        lengths=_ints(lengths, "--lengths"),
+        facts=facts,
+        contexts=contexts,
+    )  # fmt: skip
+    _report(run_storage(config), out, json, "storage")
 
 
 @eval_app.command("compare")

@@ -1,9 +1,11 @@
 """Scenario 1 — knowledge from documents: answer questions about a context (SQuAD-style F1 / EM).
 
-Input: any JSONL with `context`, `question`, `answers` (a list, or one string). Each distinct context is
-one adaptation; all its questions are asked after it. With `group_tokens` (e.g. TweetQA as a news
-stream) many short contexts are packed, in a seeded random order, into contexts of ≈N tokens each, and
-every question about a packed document is asked of the whole pack; one run can hold several N.
+Input: any JSONL with `context`, `question`, `answers` (a list, or one string), and optionally `split` ("dev" or
+"test": the file fixes the dev split) and `length` (a nominal context length to report by, instead of quartile
+bins of the measured lengths). Each distinct context is one adaptation; all its questions are asked after it.
+With `group_tokens` (e.g. TweetQA as a news stream) many short contexts are packed, in a seeded random order, into
+contexts of ≈N tokens each, and every question about a packed document is asked of the whole pack; one run can
+hold several N.
 
 Split: items of `dev` distinct contexts (fixed seed, independent of --seed) pick each method's template
 and are never reported; the rest is the test set, shuffled with --seed, of which --limit items are used
@@ -15,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import GenAdapterError
@@ -75,6 +77,8 @@ class QAItem:
     question: str
     answers: list[str]
     context: str
+    split: str | None = None  # "dev" / "test" when the file fixes the split
+    length: int | None = None  # nominal context length, when the file gives one
 
 
 def load_qa(path: Path) -> list[QAItem]:
@@ -88,9 +92,14 @@ def load_qa(path: Path) -> list[QAItem]:
             row = json.loads(line)
             answers = row["answers"]
             answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
-            item = QAItem(str(len(items)), str(row["question"]), answers, str(row["context"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            split, length = row.get("split"), row.get("length")
+            item = QAItem(
+                str(len(items)), str(row["question"]), answers, str(row["context"]), split, length and int(length)
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GenAdapterError(f"{path}:{number}: expected JSON with context, question, answers ({exc})") from exc
+        if split not in (None, "dev", "test"):
+            raise GenAdapterError(f"{path}:{number}: split must be 'dev' or 'test', got {split!r}")
         if item.question.strip() and item.context.strip() and answers:
             items.append(item)
     if not items:
@@ -103,8 +112,13 @@ def context_id(text: str) -> str:
 
 
 def split_dev(items: list[QAItem], dev: int) -> tuple[list[QAItem], list[QAItem]]:
-    """(dev items: one question each of `dev` contexts, test items: those of all other contexts)."""
+    """(dev items: one question each of `dev` contexts, test items: those of all other contexts). When the file fixes
+    the split, dev contexts come from its dev items only, and its other dev items are not used at all."""
     order = list(items)
+    if any(item.split for item in items):
+        pinned = [i for i in order if i.split == "dev"]
+        dev_items, _ = split_dev([replace(i, split=None) for i in pinned], dev)
+        return dev_items, [i for i in items if i.split != "dev"]
     random.Random(DEV_SEED).shuffle(order)
     dev_items, dev_contexts = [], set()
     for item in order:
@@ -122,7 +136,10 @@ def single_groups(items: list[QAItem], engine: Engine, prefix: str = "") -> list
         cid = prefix + context_id(item.context)
         if cid not in groups:
             tokens = engine.count(item.context)
-            groups[cid] = Group(EvalContext(cid, [item.context]), [], {"context_tokens": tokens, "length": tokens})
+            info = {"context_tokens": tokens, "length": tokens}
+            if item.length is not None:
+                info["nominal_length"] = item.length
+            groups[cid] = Group(EvalContext(cid, [item.context]), [], info)
         groups[cid].items.append(item)
     return list(groups.values())
 
@@ -204,7 +221,7 @@ class KnowledgeScenario(Scenario):
         return results
 
 
-def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
+def run_knowledge(config: KnowledgeConfig, ga=None, scenario_name: str = "knowledge") -> dict:
     """Evaluate the methods on a QA file; write records, JSON, markdown and plots; return the result."""
     data = Path(config.data or default_data())
     items = load_qa(data)
@@ -228,16 +245,19 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
     scenario = KnowledgeScenario(engine, config.max_new_tokens)
     out = Path(config.out or "out/eval/knowledge")
     fingerprint = fingerprint_of(
-        "knowledge", ga, config, data, max_new_tokens=config.max_new_tokens, window_tokens=window
+        scenario_name, ga, config, data, max_new_tokens=config.max_new_tokens, window_tokens=window
     )
     runner = Runner(scenario, config, out, fingerprint, progress=config.progress)
     methods = make_methods(config.methods, engine, window, config.sft)
     forced = T.parse_forced(config.template, scenario.slots)
-    edges = [] if sizes else length_bin_edges([g.info["context_tokens"] for g in groups])
+    nominal = not sizes and all("nominal_length" in g.info for g in groups)
+    edges = [] if sizes or nominal else length_bin_edges([g.info["context_tokens"] for g in groups])
 
     def length_of(record: dict) -> int:
         if sizes:
             return record["group_tokens"]
+        if nominal:
+            return record["nominal_length"]
         return next(e for e in edges if record["context_tokens"] <= e)
 
     plan = run_methods(
@@ -281,13 +301,14 @@ def run_knowledge(config: KnowledgeConfig, ga=None) -> dict:
             [{**c, "length": length_of(c)} for c in contexts] if not sizes else contexts
         )
 
-    length_note = (
-        "length = tokens per packed context (--group-tokens)"
-        if sizes
-        else f"length = upper edge of a context-token bin (quartiles of the test contexts: {edges})"
-    )
+    if sizes:
+        length_note = "length = tokens per packed context (--group-tokens)"
+    elif nominal:
+        length_note = "length = the nominal context length the data file gives (its `length` field)"
+    else:
+        length_note = f"length = upper edge of a context-token bin (quartiles of the test contexts: {edges})"
     result = {
-        "scenario": "knowledge",
+        "scenario": scenario_name,
         "headline_metric": "contains",
         "metrics": metrics,
         "by_length": by_length,
