@@ -1,5 +1,6 @@
 """The next-token memory (memory.py): what it writes, that it stores the context, and its config errors."""
 
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -214,3 +215,26 @@ def test_batched_memory_maps_are_the_ridge_solutions_row_by_row():
     maps = ga.generator.memory.maps(sums, tokens)[memory_key(name, "map")]
     torch.testing.assert_close(maps[:3], expected[:3].float(), rtol=1e-3, atol=1e-4)
     assert torch.count_nonzero(maps[3]) == 0
+
+
+def test_every_state_that_adding_and_subtracting_can_reach_answers():
+    """Subtracting text that was never absorbed leaves a key Gram matrix that is not positive semi-definite; the
+    memory's solve must still give a finite adapter (proper states keep the exact solve: test_memory_map_is_the_ridge_solution_…)."""
+    ga = make_adapter(memory_layers=1, memory_keys=8)
+    texts = [TEXT_A, TEXT_B, "Bananas are yellow.", "The ferry leaves at noon.", "Zebra."]
+    states = [ga.absorb(t) for t in texts]
+    rng = random.Random(0)
+    ids, mask = ga.pad([ga.tokenizer("Where is it?")["input_ids"]])
+    reached = 0
+    for _ in range(12):
+        state = states[rng.randrange(len(states))]
+        for _ in range(rng.randrange(1, 4)):
+            other = states[rng.randrange(len(states))]
+            if rng.random() < 0.5:
+                state = state + other
+            elif other.num_tokens <= state.num_tokens:
+                state = state - other
+        name = memory_key(ga.generator.memory.module_names[0], "keys")
+        reached += bool(torch.linalg.eigvalsh(state.sums[name].double()).min() < -1e-6)
+        assert torch.isfinite(ga.logits(ids, mask, state=state)).all()
+    assert reached  # the walk did reach states without a positive semi-definite Gram matrix
