@@ -219,7 +219,8 @@ def test_batched_memory_maps_are_the_ridge_solutions_row_by_row():
 
 def test_every_state_that_adding_and_subtracting_can_reach_answers():
     """Subtracting text that was never absorbed leaves a key Gram matrix that is not positive semi-definite; the
-    memory's solve must still give a finite adapter (proper states keep the exact solve: test_memory_map_is_the_ridge_solution_…)."""
+    memory's solve must still give a finite adapter. (Proper states keep the exact solve, as
+    test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings checks.)"""
     ga = make_adapter(memory_layers=1, memory_keys=8)
     texts = [TEXT_A, TEXT_B, "Bananas are yellow.", "The ferry leaves at noon.", "Zebra."]
     states = [ga.absorb(t) for t in texts]
