@@ -306,7 +306,8 @@ class GenerativeAdapter:
             for key, value in template.items()
         }
 
-    def single_state(self, states: StateArg) -> ContextState | None:
+    @staticmethod
+    def single_state(states: StateArg) -> ContextState | None:
         """The state when one state serves every row (a state, or a list of the very same state), else None."""
         if isinstance(states, ContextState):
             return states

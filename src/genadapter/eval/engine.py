@@ -37,11 +37,9 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 def _single_state(state: StateRows, n: int) -> tuple[bool, ContextState | None]:
     """(True, state) when every row uses the same adapter (or none)."""
-    if state is None or isinstance(state, ContextState):
-        return True, state
-    first = state[0]
-    if all(s is first for s in state):
-        return True, first
+    single = GenerativeAdapter.single_state(state)
+    if single is not None or state is None or all(s is None for s in state):
+        return True, single
     return False, None
 
 
