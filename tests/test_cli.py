@@ -323,11 +323,15 @@ def test_no_space_left_while_saving_a_state(tmp_path, texts, model_args, monkeyp
 
 
 def test_no_space_left_while_exporting(tmp_path, state_file, model_args, monkeypatch):
-    def full_disk(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    write_bytes = Path.write_bytes
 
-    monkeypatch.setattr(genadapter.adapter, "save_file", full_disk)
+    def full_disk(path: Path, data: bytes) -> int:
+        if path.name != "adapter_model.safetensors":
+            return write_bytes(path, data)
+        write_bytes(path, b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     assert_error(run("export", state_file, "--peft", out_dir / "lora", *model_args), "no space left")

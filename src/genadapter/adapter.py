@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -9,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -203,11 +204,19 @@ class GenerativeAdapter:
             generator_config=self.config.to_dict(),
         )
 
-    @torch.no_grad()
     def absorb(self, context: Context, batch_size: int = 8, progress: bool | None = None) -> ContextState:
         """Turn a context into a state in one frozen forward per batch of chunks (O(batch) memory). In chunk_mode
         "sequential" the chunks are read in order, one per forward, each by the LM adapted with the state of those
         before it (batch_size is then unused): O(1) memory for a context of any length."""
+        *_, state = self.absorb_steps(context, batch_size, progress)  # one state object, yielded after each forward
+        return state
+
+    @torch.no_grad()
+    def absorb_steps(
+        self, context: Context, batch_size: int = 8, progress: bool | None = False
+    ) -> Iterator[ContextState]:
+        """`absorb`, one forward at a time: yields the state so far after each forward (one object, growing); the
+        last one is the context's state. Other model work may run between two forwards (the server's chats do)."""
         if batch_size < 1:
             raise GenAdapterError("batch_size must be at least 1")
         chunks = self.chunk(self.tokenize_context(context))
@@ -226,7 +235,7 @@ class GenerativeAdapter:
             for name, per_chunk in self.generator.chunk_states(hidden, mask).items():
                 state.sums[name] += per_chunk.sum(0).cpu()
             state.num_tokens += sum(len(c) for c in batch)
-        return state
+            yield state
 
     @torch.no_grad()
     def calibrate_memory(
@@ -424,9 +433,10 @@ class GenerativeAdapter:
 
     # ---- export -------------------------------------------------------------------------------
 
-    def export_peft(self, state: ContextState, directory: str | Path) -> None:
-        """Write the adapter as a standard PEFT LoRA directory: rank r (scale folded into lora_B), and for modules
-        holding the next-token memory r + k, its factors stacked under the generator's (`rank_pattern`)."""
+    def peft_files(self, state: ContextState) -> dict[str, bytes]:
+        """The adapter as the files of a standard PEFT LoRA directory (adapter_config.json and
+        adapter_model.safetensors, in memory): rank r (scale folded into lora_B), and for modules holding the
+        next-token memory r + k, its factors stacked under the generator's (`rank_pattern`)."""
         from peft import LoraConfig
 
         rank, scale = self.generator.export_rank(), self.config.scale
@@ -452,9 +462,18 @@ class GenerativeAdapter:
             task_type="CAUSAL_LM",
             base_model_name_or_path=self.base_name,
         )
+        config = {k: list(v) if isinstance(v, set) else v for k, v in lora_config.to_dict().items()}  # as PEFT saves
+        return {
+            "adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
+            "adapter_model.safetensors": save_safetensors(weights, metadata={"format": "pt"}),
+        }
+
+    def export_peft(self, state: ContextState, directory: str | Path) -> None:
+        """Write `peft_files` as a directory that PEFT's `PeftModel.from_pretrained` loads."""
+        files = self.peft_files(state)
 
         def write(tmp: Path) -> None:
-            lora_config.save_pretrained(str(tmp))
-            save_file(weights, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
 
         write_dir_atomic(directory, write, marker=PEFT_MARKER)

@@ -90,9 +90,10 @@ def make_adapter(trained: bool = True, **config_overrides) -> GenerativeAdapter:
     return GenerativeAdapter(model, tokenizer, generator, "tiny")
 
 
-def save_tiny_dirs(directory: Path) -> tuple[Path, Path]:
-    """A tiny base model and a generator saved under `directory`, as the CLI and from_pretrained load them."""
-    adapter = make_adapter()
+def save_tiny_dirs(directory: Path, **config_overrides) -> tuple[Path, Path]:
+    """A tiny base model and a generator (tiny_config with `config_overrides`) saved under `directory`, as the CLI
+    and from_pretrained load them."""
+    adapter = make_adapter(**config_overrides)
     base, gen = directory / "base", directory / "gen"
     adapter.model.save_pretrained(base)
     adapter.tokenizer.save_pretrained(base)
