@@ -4,6 +4,7 @@
 - `train.py`: `train pretrain | instruct | finalize | heldout | calibrate | oracle | ablate`;
 - `eval.py`: `eval knowledge | icl | persona | compare`;
 - `serve.py`: serve;
+- `keys.py`: `keys create | list | revoke` (API keys of a serve database);
 - `common.py`: the one error handler (`error: <message>` on stderr, exit code 1), shared options, file reading.
 """
 
@@ -19,6 +20,7 @@ import typer
 from . import context, serve
 from .common import ErrorHandlingGroup, one_line
 from .eval import eval_app
+from .keys import keys_app
 from .train import train_app
 
 app = typer.Typer(
@@ -91,5 +93,6 @@ context.register(app)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 serve.register(app)
+app.add_typer(keys_app, name="keys")
 
 __all__ = ["app"]

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..base_model import EMBEDDED_MODEL
+from ..serve import ALLOWED_HOSTS_HELP, NO_AUTH_HELP
 from .common import BaseOption, GeneratorOption
 
 
@@ -23,8 +24,14 @@ def serve_command(
     ),
     base: BaseOption = EMBEDDED_MODEL,
     generator: GeneratorOption = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help=NO_AUTH_HELP)] = False,
+    allowed_hosts: Annotated[
+        str | None, typer.Option("--allowed-hosts", metavar="NAMES", help=ALLOWED_HOSTS_HELP, show_default=False)
+    ] = None,
 ) -> None:
-    """Serve the HTTP API (contexts, generate, OpenAI-compatible chat) over a persistent state store."""
+    """Serve the HTTP API (contexts, generate, OpenAI-compatible chat) over a persistent state store. Requests need
+    an API key from `genadapter keys create --db` on the same database."""
     from ..serve import serve
 
-    serve(host, port, str(db), base, str(generator) if generator else None)
+    gen = str(generator) if generator else None
+    serve(host, port, str(db), base, gen, no_auth=no_auth, allowed_hosts=allowed_hosts)

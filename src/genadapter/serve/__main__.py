@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import GenAdapterError
-from . import ServeConfig, serve
+from . import ALLOWED_HOSTS_HELP, NO_AUTH_HELP, ServeConfig, serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="{}", help="ServeConfig fields as JSON, e.g. '{\"max_batch\": 1}'")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-auth", action="store_true", help=NO_AUTH_HELP)
+    parser.add_argument("--allowed-hosts", default=None, metavar="NAMES", help=ALLOWED_HOSTS_HELP)
     args = parser.parse_args(argv)
     try:
         config = ServeConfig.from_dict(json.loads(args.config))
@@ -27,7 +29,17 @@ def main(argv: list[str] | None = None) -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        serve(args.host, args.port, args.db, args.base, args.generator, config=config, log_level=args.log_level)
+        serve(
+            args.host,
+            args.port,
+            args.db,
+            args.base,
+            args.generator,
+            config=config,
+            log_level=args.log_level,
+            no_auth=args.no_auth,
+            allowed_hosts=args.allowed_hosts,
+        )
     except (GenAdapterError, json.JSONDecodeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

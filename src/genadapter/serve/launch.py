@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -24,7 +25,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m genadapter.serve` on 127.0.0.1; `with ServerProcess(...) as server: server.url`."""
+    """`python -m genadapter.serve` on 127.0.0.1; `with ServerProcess(...) as server: server.url`.
+
+    Requests need a key of the database (`SQLiteStore(db).create_key(...)` before start) unless `no_auth`;
+    `extra_args` go to the command line as they are."""
 
     def __init__(
         self,
@@ -35,10 +39,14 @@ class ServerProcess:
         log_path: str | Path | None = None,
         threads: int = 1,
         startup_timeout_s: float = 120.0,
+        no_auth: bool = False,
+        extra_args: Sequence[str] = (),
     ):
         self.db, self.base, self.generator = db, base, generator
         self.config = config or {}
         self.threads = threads
+        self.no_auth = no_auth
+        self.extra_args = list(extra_args)
         self.startup_timeout_s = startup_timeout_s
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="genadapter-serve-", suffix=".log")
@@ -59,7 +67,9 @@ class ServerProcess:
             command += ["--base", str(self.base)]
         if self.generator is not None:
             command += ["--generator", str(self.generator)]
-        return command
+        if self.no_auth:
+            command.append("--no-auth")
+        return command + self.extra_args
 
     def start(self) -> ServerProcess:
         for _ in range(3):  # another process may take the free port before the server binds it
