@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import TEXT_A, TEXT_B, make_adapter
+from safetensors.torch import load as load_safetensors
 
 from genadapter import ContextState, GenAdapterError, IncompatibleStateError
 from genadapter.adapter import MERGE_MIN_NEW_TOKENS
@@ -139,6 +140,21 @@ def test_save_load_round_trip(ga, tmp_path):
     assert loaded.generator_fingerprint == state.generator_fingerprint
     memory = 4 * (32 * 8 + 8 * 8) if ga.generator.memory is not None else 0  # C (d_out, k) + G (k, k), one module
     assert loaded.nbytes == state.nbytes == 4 * 2 * 2 * 8 * 8 + memory  # 2 layers x 2 modules x R1 x R2 fp32
+
+
+def test_half_precision_state_keeps_every_entry_within_its_bound(ga):
+    state = ga.absorb(TEXT_A)
+    state.sums = {k: v * 1e6 for k, v in state.sums.items()}  # sums of many tokens: far beyond float16's range
+    data = state.to_bytes(half=True)
+    loaded = ContextState.from_bytes(data)
+    assert all(t.dtype == torch.float16 for t in load_safetensors(data).values())  # 2 bytes per entry
+    assert loaded.num_tokens == state.num_tokens
+    for name, exact in state.sums.items():
+        got = loaded.sums[name]
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        bound = 2**-11 * exact.abs() + 2**-25 * exact.abs().max()
+        assert ((got - exact).abs() <= bound).all(), name
+    assert ContextState.from_bytes(loaded.to_bytes(half=True)).allclose(loaded, rtol=0, atol=0)  # stable
 
 
 def test_states_of_other_generators_do_not_mix(ga):

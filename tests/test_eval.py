@@ -204,6 +204,16 @@ def test_knowledge_grouped_news_stream(ga, tmp_path):
     assert (tmp_path / "out" / "results.md").is_file()
 
 
+def test_half_state_variant_keeps_a_half_precision_state(ga, tmp_path, qa_file):
+    config = KnowledgeConfig(
+        data=qa_file, out=tmp_path / "half", dev=0, methods=["genadapter", "genadapter-half"], max_new_tokens=3,
+        progress=False,
+    )  # fmt: skip
+    costs = run_knowledge(config, ga=ga)["costs"]
+    tensors = costs["genadapter"]["kept_bytes_mean"]  # float32 tensor bytes; the variant keeps its stored file
+    assert tensors / 2 < costs["genadapter-half"]["kept_bytes_mean"] < tensors / 2 + 4096  # + the file's header
+
+
 def test_other_settings_in_the_same_out_are_refused(ga, tmp_path, qa_file):
     config = KnowledgeConfig(data=qa_file, out=tmp_path / "o", dev=0, methods=["closed-book"], max_new_tokens=2)
     result = run_knowledge(config, ga=ga)

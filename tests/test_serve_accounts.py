@@ -5,13 +5,17 @@ made in its database before it starts, and by the CLI while it runs.
 """
 
 import hashlib
+import io
 import json
 import random
 import sqlite3
+import tempfile
+import zipfile
 
 import pytest
 import torch
 from conftest import MEMORY, TEXT_A, TEXT_B, save_tiny_dirs
+from safetensors.torch import load as load_safetensors
 from typer.testing import CliRunner
 
 from genadapter import GenerativeAdapter
@@ -33,6 +37,7 @@ from genadapter.serve.launch import ServerProcess  # noqa: E402
 from genadapter.serve.store import ANONYMOUS, SCHEMA_VERSION, LedgerItem, SQLiteStore, Usage  # noqa: E402
 
 CONFIG = {
+    "half_states": False,  # states compare with local fp32 ones (half: test_half_states_read_back_as_cached)
     "max_context_tokens": 2000,
     "max_prompt_tokens": 400,
     "max_new_tokens": 16,
@@ -436,5 +441,40 @@ def test_a_schema_1_database_migrates_and_its_contexts_serve_without_keys(tmp_pa
             answer(anonymous, old_id, user("hi"))
             assert_error(forget(anonymous, old_id, text=TEXT_B), 409)  # absorbed before the ledger existed
             assert forget(anonymous, old_id, text=TEXT_A).json()["num_tokens"] == state.num_tokens
+    finally:
+        store.close()
+
+
+def test_half_states_read_back_as_cached(tmp_path, local):
+    """A half-precision store returns exactly the state the service cached (`as_stored`): answers do not change
+    when the cache lets a context go, and a restart changes nothing."""
+    state = local.absorb(TEXT_A) + local.absorb(TEXT_B)
+    for half in (False, True):
+        store = SQLiteStore(tmp_path / f"half-{half}.db", half=half)
+        try:
+            cached = store.as_stored(state)
+            record = store.create("b" * 32, "carol", cached)
+            stored = store.get(record.id)
+            assert stored.state().allclose(cached, rtol=0, atol=0)
+            dtypes = {t.dtype for t in load_safetensors(stored.data).values()}
+            assert dtypes == {torch.float16 if half else torch.float32}  # test_core checks half's error bound
+        finally:
+            store.close()
+
+
+def test_peft_zip_is_made_without_staging_it_on_disk(tmp_path, local, monkeypatch):
+    def no_temporary_directory(*args, **kwargs):
+        raise AssertionError("the PEFT zip must not be staged in a temporary directory")
+
+    store = SQLiteStore(tmp_path / "peft.db")
+    app = create_app(local, store, ServeConfig(**CONFIG), no_auth=True)
+    try:
+        with TestClient(app, base_url="http://127.0.0.1") as anonymous:
+            context_id = create(anonymous, TEXT_A)["id"]
+            monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_directory)
+            response = anonymous.get(f"/v1/contexts/{context_id}/peft")
+            assert response.status_code == 200, response.text
+            names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+            assert sorted(names) == ["adapter_config.json", "adapter_model.safetensors"]
     finally:
         store.close()

@@ -19,7 +19,8 @@ from torch import Tensor
 from .errors import GenAdapterError, IncompatibleStateError, StateFileError
 from .fileio import write_atomic
 
-FORMAT = "genadapter-state/1"
+FORMAT = "genadapter-state/1"  # float32 sums
+HALF_FORMAT = "genadapter-state/2"  # float16 sums, each tensor divided by its largest magnitude (kept in metadata)
 
 
 @dataclass
@@ -88,18 +89,25 @@ class ContextState:
             and all(torch.allclose(v, other.sums[k], rtol=rtol, atol=atol) for k, v in self.sums.items())
         )
 
-    def metadata(self) -> dict[str, str]:
+    def metadata(self, fmt: str = FORMAT) -> dict[str, str]:
         return {
-            "format": FORMAT,
+            "format": fmt,
             "num_tokens": str(self.num_tokens),
             "base_model": self.base_model,
             "generator_fingerprint": self.generator_fingerprint,
             "generator_config": json.dumps(self.generator_config, sort_keys=True),
         }
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, half: bool = False) -> bytes:
+        """safetensors bytes. `half` stores each sum as float16 after dividing it by its largest magnitude: half
+        the bytes, and no entry out of float16's range however many tokens were summed; an entry x comes back within
+        2⁻¹¹·|x| + 2⁻²⁵·max|x| of itself (float32 keeps 2⁻²⁴·|x|). Loading gives float32 sums again."""
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.sums.items()}
-        return save(tensors, metadata=self.metadata())
+        if not half:
+            return save(tensors, metadata=self.metadata())
+        scales = {k: float(v.abs().max()) or 1.0 for k, v in tensors.items()}
+        halves = {k: (v / scales[k]).half() for k, v in tensors.items()}
+        return save(halves, metadata={**self.metadata(HALF_FORMAT), "scales": json.dumps(scales, sort_keys=True)})
 
     def save(self, path: str | Path) -> None:
         """Write safetensors atomically: the file is complete or not there at all."""
@@ -121,9 +129,13 @@ class ContextState:
             metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
         except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
             raise StateFileError(f"{source} is not a valid genadapter state (corrupted or truncated)") from exc
-        if metadata.get("format") != FORMAT:
+        fmt = metadata.get("format")
+        if fmt not in (FORMAT, HALF_FORMAT):
             raise StateFileError(f"{source} is not a genadapter state file")
         try:
+            if fmt == HALF_FORMAT:
+                scales = json.loads(metadata["scales"])
+                tensors = {k: v.float() * scales[k] for k, v in tensors.items()}
             return cls(
                 sums=tensors,
                 num_tokens=int(metadata["num_tokens"]),
@@ -131,5 +143,5 @@ class ContextState:
                 generator_fingerprint=metadata["generator_fingerprint"],
                 generator_config=json.loads(metadata["generator_config"]),
             )
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise StateFileError(f"{source} has incomplete genadapter metadata") from exc

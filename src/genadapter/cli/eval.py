@@ -27,7 +27,12 @@ DataOpt = Annotated[
     typer.Option("--data", metavar="FILE", help="Input data (default: the scenario's file in ../shared/data)."),
 ]
 MethodsOpt = Annotated[
-    str, typer.Option("--methods", help="Comma-separated subset of closed-book,prompting,sft,genadapter.")
+    str,
+    typer.Option(
+        "--methods",
+        help="Comma-separated subset of closed-book,prompting,sft,genadapter, plus genadapter-unrelated (the "
+        "unrelated-text control) and genadapter-half (the state stored at half precision).",
+    ),
 ]
 LimitOpt = Annotated[
     int | None,

@@ -1,4 +1,4 @@
-"""The four methods compared in every scenario, behind one interface, and one control.
+"""The four methods compared in every scenario, behind one interface, one control and one variant.
 
 - `closed-book`: the base LM with the question alone.
 - `prompting`: the context in the prompt (`formats.with_context`), cut from the LEFT to fit the window.
@@ -7,6 +7,8 @@
 - `genadapter-unrelated` (a control, only when asked for): the same with the adapter of unrelated text of
   the context's length (held-out Wikipedia leads). What genadapter gains over it comes from the
   context's content; what it shares with it, any adapter would give.
+- `genadapter-half` (a variant, only when asked for): genadapter with its state stored at half precision, as
+  the service stores it; paired with genadapter it measures what that storage costs.
 
 All four build prompts from the same templates and answer through the same `Engine` (same chat format,
 same greedy decoding, same option scoring); they differ only in what they do with the context.
@@ -31,7 +33,7 @@ from .engine import Engine
 from .templates import Template
 
 METHODS = ("closed-book", "prompting", "sft", "genadapter")
-CONTROLS = ("genadapter-unrelated",)  # run only when named in --methods
+CONTROLS = ("genadapter-unrelated", "genadapter-half")  # the control and a variant: run only when named in --methods
 
 
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
@@ -346,6 +348,21 @@ class GenAdapterMethod(Method):
         return base + generator_flops(self.ga.generator, 0, self.engine.costs.vocab_size)[1] * tokens
 
 
+class HalfStateMethod(GenAdapterMethod):
+    """genadapter with the state as the service stores it (`ContextState.to_bytes(half=True)`), to measure what
+    half-precision storage costs in answers."""
+
+    name = "genadapter-half"
+
+    def adapt(self, context: EvalContext) -> Adapted:
+        adapted = super().adapt(context)
+        if adapted.state is not None:
+            stored = adapted.state.to_bytes(half=True)
+            adapted.state = ContextState.from_bytes(stored)
+            adapted.kept_bytes = len(stored)
+        return adapted
+
+
 class UnrelatedAdapterMethod(GenAdapterMethod):
     """Control: the adapter of unrelated text as long as the context (in tokens), in place of the context's."""
 
@@ -386,6 +403,7 @@ def make_methods(names: Sequence[str], engine: Engine, window: int, sft: SFTConf
         "prompting": Prompting,
         "genadapter": GenAdapterMethod,
         "genadapter-unrelated": UnrelatedAdapterMethod,
+        "genadapter-half": HalfStateMethod,
     }
     out: list[Method] = []
     for name in parse_methods(list(names)):

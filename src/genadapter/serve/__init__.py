@@ -70,7 +70,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise GenAdapterError(f"port {port} is not between 0 and 65535")
     hosts = allowed_hosts_for(host, no_auth, allowed_hosts)
-    store = SQLiteStore(db)  # before the model: a bad path fails fast
+    store = SQLiteStore(db, half=(config or ServeConfig()).half_states)  # before the model: a bad path fails fast
     try:
         if not no_auth and all(key.revoked is not None for key in store.keys()):
             log.warning(

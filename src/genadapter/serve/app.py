@@ -294,7 +294,8 @@ def create_app(
     )
     def forget(context_id: str, body: ForgetRequest, caller: CallerDep) -> ContextInfo:
         """Remove one item of the ledger, named by its id or by its exact text: state -= absorb(its text), exact up
-        to fp32 rounding, exact zeros once nothing is left. 409 for anything the ledger does not hold."""
+        to the store's rounding (half precision by default), exact zeros once nothing is left. 409 for anything the
+        ledger does not hold."""
         return _info(service, service.forget(context_id, caller, body.item, body.text))
 
     @app.get(

@@ -25,11 +25,14 @@ class ServeConfig:
     prefill_chunk_tokens: int = 256  # prompt tokens per row prefilled between two decode steps
     request_timeout_s: float = 600.0  # a request waiting longer for the model gets 503
     max_contexts: int = 100  # contexts per API key, unless `keys create` gave the key its own; more gets 429
-    max_stored_bytes: int = 2 * 2**30  # state blobs + ledger texts per key (~140 shipped contexts), likewise; 429
+    max_stored_bytes: int = 2 * 2**30  # state blobs + ledger texts per key (~280 shipped contexts), likewise; 429
+    half_states: bool = True  # store states at half precision: half the bytes (ContextState.to_bytes)
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, bool):
+                continue
             if f.name == "batch_wait_ms":
                 if value < 0:
                     raise GenAdapterError("batch_wait_ms must not be negative")

@@ -141,7 +141,7 @@ class Service:
     def create(self, caller: Caller, text: str) -> tuple[ContextRecord, LedgerItem]:
         """A new context of the caller's holding `text`, the first item of its ledger."""
         self._precheck(caller, 1, text)
-        state = self.absorb_text(text)
+        state = self.store.as_stored(self.absorb_text(text))
         context_id = new_id()
         item = LedgerItem.new(context_id, "create", text, state.num_tokens)
         record = self.store.create(context_id, caller.name, state, item, caller.quota)
@@ -183,7 +183,7 @@ class Service:
         version, retried against concurrent writers. Adding counts against the caller's quota."""
         for _ in range(MAX_WRITE_TRIES):
             record, state = self.load(context_id, caller)
-            new = state - delta if remove is not None else state + delta  # all forgotten: exact zeros
+            new = self.store.as_stored(state - delta if remove is not None else state + delta)  # none left: zeros
             quota = caller.quota if add is not None else None
             try:
                 record = self.store.update(context_id, new, record.version, add=add, remove=remove, quota=quota)

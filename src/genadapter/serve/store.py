@@ -1,6 +1,6 @@
 """Persistent context states, their ledgers and the API keys, behind a small interface; SQLite implements it.
 
-A context is a server-generated id (uuid4 hex), the state blob (`ContextState.to_bytes()`), its metadata and its
+A context is a server-generated id (uuid4 hex), the state blob (`ContextState.to_bytes`), its metadata and its
 owner: the name of the API key that created it. Writes are compare-and-swap on a version number, so concurrent
 absorbs of one context never lose an update, whichever process or thread makes them. The ledger lists what each
 context absorbed, one item per text, text included (forgetting an item re-absorbs its text and subtracts it); an
@@ -76,7 +76,7 @@ class ContextRecord:
 @dataclass(frozen=True)
 class StoredContext:
     record: ContextRecord
-    data: bytes  # ContextState.to_bytes()
+    data: bytes  # ContextState.to_bytes(half=store.half)
 
     def state(self) -> ContextState:
         return ContextState.from_bytes(self.data, f"stored context {self.record.id}")
@@ -149,6 +149,13 @@ class Caller:
 
 class ContextStore(ABC):
     """What the service needs from a database. Implementations must be safe to call from many threads."""
+
+    half: bool = False  # states are stored at half precision (ContextState.to_bytes(half=True))
+
+    def as_stored(self, state: ContextState) -> ContextState:
+        """The state as `get` will return it once written: what the service caches, so that answers do not change
+        when the cache lets it go."""
+        return ContextState.from_bytes(state.to_bytes(half=True)) if self.half else state
 
     @abstractmethod
     def get(self, context_id: str) -> StoredContext | None: ...
@@ -269,10 +276,11 @@ class SQLiteStore(ContextStore):
 
     One connection shared by all threads behind a lock (SQLite serialises writers anyway); other processes may open
     the same file (busy_timeout waits for their locks). Every statement is parameterised; every write that changes
-    more than one row runs in one IMMEDIATE transaction. `create=False` refuses a file that does not exist yet.
+    more than one row runs in one IMMEDIATE transaction. `create=False` refuses a file that does not exist yet;
+    `half` stores states at half precision (half the bytes; see `ContextState.to_bytes`).
     """
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 10.0, create: bool = True):
+    def __init__(self, path: str | Path, busy_timeout_s: float = 10.0, create: bool = True, half: bool = True):
         path = Path(path)
         if path.is_dir():
             raise GenAdapterError(f"database {path} is a directory")
@@ -281,6 +289,7 @@ class SQLiteStore(ContextStore):
         if not create and not path.exists():
             raise GenAdapterError(f"database {path} does not exist")
         self.path = path
+        self.half = half
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -370,7 +379,7 @@ class SQLiteStore(ContextStore):
         item: LedgerItem | None = None,
         quota: Quota | None = None,
     ) -> ContextRecord:
-        data = state.to_bytes()
+        data = state.to_bytes(half=self.half)
         fields = self._fields(state, data)
         now = time.time()
         with self._write() as db:
@@ -398,7 +407,7 @@ class SQLiteStore(ContextStore):
         remove: str | None = None,
         quota: Quota | None = None,
     ) -> ContextRecord:
-        data = state.to_bytes()
+        data = state.to_bytes(half=self.half)
         fields = self._fields(state, data)
         now = time.time()
         with self._write() as db:
