@@ -6,6 +6,7 @@ import json
 import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -66,13 +67,20 @@ def api_key(db) -> str:
     return make_key(db)
 
 
-@pytest.fixture(scope="module")
-def server(module_dirs, db, api_key):
-    base, gen = module_dirs
-    with ServerProcess(db, base, gen, CONFIG, log_path=db.parent / "server.log") as process:
+@contextmanager
+def checked_server(db, dirs, config: dict):
+    """A server for a test module; once it stops, its log must show that no request ever hit a bug."""
+    base, gen = dirs
+    with ServerProcess(db, base, gen, config, log_path=db.parent / "server.log") as process:
         yield process
     log = process.log_tail(100_000)
-    assert "Traceback" not in log and " 500 " not in log, log  # no request ever hit a bug
+    assert "Traceback" not in log and " 500 " not in log, log
+
+
+@pytest.fixture(scope="module")
+def server(module_dirs, db, api_key):
+    with checked_server(db, module_dirs, CONFIG) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from starlette.testclient import TestClient  # noqa: E402
-from test_serve import assert_error, create, fetch_state, http, make_key  # noqa: E402
+from test_serve import assert_error, checked_server, create, fetch_state, http, make_key  # noqa: E402
 
 from genadapter.cli import app as cli  # noqa: E402
 from genadapter.serve import ServeConfig  # noqa: E402
 from genadapter.serve.__main__ import main as serve_main  # noqa: E402
 from genadapter.serve.app import create_app  # noqa: E402
 from genadapter.serve.auth import allowed_hosts_for  # noqa: E402
-from genadapter.serve.launch import ServerProcess  # noqa: E402
 from genadapter.serve.store import ANONYMOUS, SCHEMA_VERSION, LedgerItem, SQLiteStore, Usage  # noqa: E402
 
 CONFIG = {
@@ -80,11 +79,8 @@ def keys(db, local) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(module_dirs, db, keys):
-    base, gen = module_dirs
-    with ServerProcess(db, base, gen, CONFIG, log_path=db.parent / "server.log") as process:
+    with checked_server(db, module_dirs, CONFIG) as process:
         yield process
-    log = process.log_tail(100_000)
-    assert "Traceback" not in log and " 500 " not in log, log
 
 
 @pytest.fixture
