@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import TEXT_A, make_adapter
+from conftest import MEMORY, TEXT_A, make_adapter, save_tiny_dirs
 from typer.testing import CliRunner
 
 from genadapter import GenAdapterError
@@ -212,6 +212,21 @@ def test_half_state_variant_keeps_a_half_precision_state(ga, tmp_path, qa_file):
     costs = run_knowledge(config, ga=ga)["costs"]
     tensors = costs["genadapter"]["kept_bytes_mean"]  # float32 tensor bytes; the variant keeps its stored file
     assert tensors / 2 < costs["genadapter-half"]["kept_bytes_mean"] < tensors / 2 + 4096  # + the file's header
+
+
+def test_generator_set_turns_the_memory_off(tmp_path, qa_file):
+    base, gen = save_tiny_dirs(tmp_path / "tiny", **MEMORY)
+    runs = {}
+    for name, extra in (("on", []), ("off", ["--generator-set", "memory_layers=0"])):
+        args = ["knowledge", "--data", qa_file, "--out", tmp_path / name, "--base", base, "--generator", gen]
+        args += ["--dev", "0", "--methods", "genadapter", "--max-new-tokens", "2", *extra]
+        result = CliRunner().invoke(eval_app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    on, off = runs["on"]["config"], runs["off"]["config"]
+    assert off["generator_overrides"] == {"memory_layers": 0} and off["generator_config"]["memory_layers"] == 0
+    assert on["generator_config"]["memory_layers"] == 1 and on["generator_fingerprint"] != off["generator_fingerprint"]
+    assert runs["off"]["costs"]["genadapter"]["kept_bytes_mean"] < runs["on"]["costs"]["genadapter"]["kept_bytes_mean"]
 
 
 def test_other_settings_in_the_same_out_are_refused(ga, tmp_path, qa_file):

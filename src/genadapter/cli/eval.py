@@ -55,6 +55,15 @@ BaseOpt = Annotated[
 GeneratorOpt = Annotated[
     Path | None, typer.Option("--generator", metavar="DIR", help="Generator directory (default: the shipped one).")
 ]
+GeneratorSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--generator-set",
+        metavar="KEY=VALUE",
+        help="Change a generator config field that no weight depends on, e.g. --generator-set memory_layers=0 "
+        "(the memory off).",
+    ),
+]
 DevOpt = Annotated[
     int | None, typer.Option("--dev", metavar="N", min=0, help="Dev items for template selection (0: no selection).")
 ]
@@ -106,6 +115,7 @@ def _common(**kw) -> dict:
 
     kw["methods"] = parse_methods(kw["methods"])
     kw["sft"] = SFTConfig.from_dict(parse_pairs(kw.pop("sft"), "--sft"))
+    kw["generator_overrides"] = parse_pairs(kw.pop("generator_set"), "--generator-set")
     return kw
 
 
@@ -134,6 +144,7 @@ def knowledge_command(
     out: OutOpt = None,
     base: BaseOpt = None,
     generator: GeneratorOpt = None,
+    generator_set: GeneratorSetOpt = None,
     group_tokens: Annotated[
         str | None,
         typer.Option(
@@ -159,6 +170,7 @@ def knowledge_command(
     config = KnowledgeConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
+            generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
@@ -179,6 +191,7 @@ def icl_command(
     out: OutOpt = None,
     base: BaseOpt = None,
     generator: GeneratorOpt = None,
+    generator_set: GeneratorSetOpt = None,
     tasks: Annotated[
         str | None, typer.Option("--tasks", help="Comma-separated task names, or 'all' (default: a fixed subset of 8).")
     ] = None,
@@ -205,6 +218,7 @@ def icl_command(
     config = ICLConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
+            generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
@@ -227,6 +241,7 @@ def persona_command(
     out: OutOpt = None,
     base: BaseOpt = None,
     generator: GeneratorOpt = None,
+    generator_set: GeneratorSetOpt = None,
     distractors: Annotated[int, typer.Option("--distractors", min=1, help="Other users' sentences per choice.")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply.")] = 32,
     dev: DevOpt = None,
@@ -247,6 +262,7 @@ def persona_command(
     config = PersonaConfig(
         **_common(
             data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
+            generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
@@ -265,6 +281,7 @@ def storage_command(
     out: OutOpt = None,
     base: BaseOpt = None,
     generator: GeneratorOpt = None,
+    generator_set: GeneratorSetOpt = None,
     lengths: Annotated[
         str, typer.Option("--lengths", metavar="N,N…", help="Context lengths in tokens, facts included.")
     ] = "64,256,1024,4096",
@@ -289,6 +306,7 @@ def storage_command(
     config = StorageConfig(
         **_common(
             data=None, methods=methods, limit=0, seed=seed, json=json, out=out, base=base, generator=generator,
+            generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,

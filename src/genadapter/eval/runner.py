@@ -47,6 +47,7 @@ class CommonConfig:
     out: Path | None = None
     base: str | None = None
     generator: Path | None = None
+    generator_overrides: dict = field(default_factory=dict)  # config fields no weight depends on (memory_layers…)
     dev: int | None = None  # None: the scenario's default
     template: str | None = None
     batch_size: int = 8
@@ -70,7 +71,11 @@ def load_adapter(config: CommonConfig) -> GenerativeAdapter:
     if config.dtype not in dtypes:
         raise GenAdapterError(f"--dtype must be one of {', '.join(dtypes)}")
     return GenerativeAdapter.from_pretrained(
-        base=config.base, generator=config.generator, dtype=dtypes[config.dtype], device=config.device
+        base=config.base,
+        generator=config.generator,
+        dtype=dtypes[config.dtype],
+        device=config.device,
+        overrides=config.generator_overrides or None,
     )
 
 
@@ -490,6 +495,7 @@ def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, d
         "base": config.base,
         "base_name": ga.base_name,
         "generator": str(config.generator) if config.generator else None,
+        "generator_overrides": config.generator_overrides,
         "generator_fingerprint": ga.fingerprint,
         "generator_config": ga.config.to_dict(),
         "out": str(config.out) if config.out else None,
