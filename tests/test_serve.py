@@ -194,9 +194,8 @@ def test_concurrent_requests_with_different_contexts_share_one_batch(server, api
 
 
 def test_chat_completions_with_the_openai_client(server, api_key, local, contexts, monkeypatch):
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     ids, states = contexts
-    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+    chat = openai_client(server, api_key, monkeypatch)
     messages = [
         {"role": "system", "content": "Answer briefly."},
         {"role": "user", "content": "Hello"},
