@@ -23,7 +23,10 @@ torch.set_num_threads(1)
 MEMORY = {"memory_layers": 1, "memory_keys": 8, "memory_scale": 2.0}  # next-token memory in the last tiny layer
 
 
-@pytest.fixture(params=[{}, MEMORY], ids=["generator", "with-memory"])
+RIDGE = {"normalization": "ridge"}  # the least-squares write: G = Σ KᵀK in the state
+
+
+@pytest.fixture(params=[{}, MEMORY, RIDGE], ids=["generator", "with-memory", "ridge"])
 def ga(request) -> GenerativeAdapter:
     return make_adapter(**request.param)
 

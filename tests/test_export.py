@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import MEMORY, TEXT_A, make_adapter
+from conftest import MEMORY, RIDGE, TEXT_A, make_adapter
 from peft import PeftModel
 
 from genadapter import GenerativeAdapter
@@ -16,8 +16,9 @@ from genadapter import GenerativeAdapter
         {"normalization": "frobenius"},
         {"normalization": "svd", **MEMORY},
         {"normalization": "svd", **MEMORY, "memory_keys": 0},  # full-width keys: factors from an SVD
+        RIDGE,
     ],
-    ids=["svd", "frobenius", "with-memory", "with-full-memory"],
+    ids=["svd", "frobenius", "with-memory", "with-full-memory", "ridge"],
 )
 def test_peft_export_gives_identical_logits(tmp_path, overrides):
     ga = make_adapter(rank=6, **overrides)

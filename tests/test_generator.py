@@ -106,9 +106,10 @@ def test_value_shift_pairs_never_cross_chunks_and_keep_release_fingerprints():
     assert shifted.generator.fingerprint() != make_adapter().generator.fingerprint()
 
 
-def test_generator_trains_on_short_chunks_without_nan():
+@pytest.mark.parametrize("normalization", ["svd", "ridge"])
+def test_generator_trains_on_short_chunks_without_nan(normalization):
     """A few optimisation steps through the frozen LM on 3-token chunks stay finite and lower the loss."""
-    ga = make_adapter(trained=False, chunk_size=3)
+    ga = make_adapter(trained=False, chunk_size=3, normalization=normalization)
     ga.generator.requires_grad_(True)
     optimizer = torch.optim.AdamW(ga.generator.parameters(), lr=1e-2)
     ids = ga.tokenizer(TEXT_A, add_special_tokens=False)["input_ids"][:48]
@@ -118,7 +119,7 @@ def test_generator_trains_on_short_chunks_without_nan():
     losses = []
     for _ in range(8):
         sums = {k: v.sum(0, keepdim=True) for k, v in ga.generator.chunk_states(hidden, mask).items()}
-        with ga.injector.activate(ga.generator.normalize(sums)):
+        with ga.injector.activate(ga.generator.normalize(sums, len(ids))):
             loss = ga.model(input_ids=target, attention_mask=target_mask, labels=target).loss
         optimizer.zero_grad()
         loss.backward()

@@ -548,13 +548,20 @@ def test_cli_train_with_config_and_overrides(tiny_dirs, tmp_path):
     base, _ = tiny_dirs
     config_file = tmp_path / "cfg.json"
     config_file.write_text(json.dumps(tiny_train_config(base, tmp_path / "cli").to_dict()))
-    result = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", "steps=2"])
+    # a fresh generator of the ridge write: one generator field set, the others as in the file; it trains
+    ridge = ["--set", "steps=2", "--set", "generator.normalization=ridge"]
+    result = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), *ridge])
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "cli" / "generator" / "train_config.json").read_text())
     assert saved["steps"] == 2 and saved["recipe"] == "pretrain"
+    fresh = tiny_train_config(base, tmp_path).generator.to_dict()
+    assert saved["generator"] == {**fresh, "normalization": "ridge", "base_model": str(base)}  # the base it ran on
+    written = json.loads((tmp_path / "cli" / "generator" / "generator_config.json").read_text())
+    assert written["normalization"] == "ridge"
 
-    bad = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", "nope=1"])
-    assert bad.exit_code == 1 and bad.stderr.startswith("error: unknown training config keys")
+    for pair, message in (("nope=1", "unknown training config keys"), ("generator.nope=1", "unknown generator")):
+        bad = CliRunner().invoke(app, ["train", "pretrain", "--config", str(config_file), "--set", pair])
+        assert bad.exit_code == 1 and bad.stderr.startswith(f"error: {message}")
 
 
 def test_ddp_smoke_with_two_cpu_processes(tiny_dirs, tmp_path):

@@ -194,10 +194,9 @@ class GenerativeAdapter:
         return hidden, mask, sums
 
     def empty_state(self) -> ContextState:
-        r1, r2 = self.config.key_dim, self.config.value_dim
         memory = self.generator.memory.empty_sums() if self.generator.memory is not None else {}
         return ContextState(
-            sums={name: torch.zeros(r1, r2) for name in self.generator.module_names} | memory,
+            sums=self.generator.empty_sums() | memory,
             num_tokens=0,
             base_model=self.base_name,
             generator_fingerprint=self.fingerprint,

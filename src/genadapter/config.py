@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import GenAdapterError
 
-NORMALIZATIONS = ("svd", "frobenius")
+NORMALIZATIONS = ("svd", "frobenius", "ridge")
 MEMORY_TARGETS = ("next", "error")
 CHUNK_MODES = ("independent", "sequential")
 CHUNK_SPLITS = ("fixed", "even")
@@ -23,10 +23,10 @@ MEMORY_FIELDS = (
 )
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 ENCODING_FIELDS = ("chunk_mode", "chunk_split", "context_bos")
-OVERRIDABLE = ("rank", "value_shift", *ENCODING_FIELDS, *MEMORY_FIELDS)
+OVERRIDABLE = ("rank", "value_shift", "ridge", *ENCODING_FIELDS, *MEMORY_FIELDS)
 # fields added after the first generators shipped: left out of fingerprints while they hold their default, so older
 # generators keep their fingerprints and the states made with them stay valid
-_LATER_FIELDS = ("value_shift", *ENCODING_FIELDS, *MEMORY_FIELDS)
+_LATER_FIELDS = ("value_shift", "ridge", *ENCODING_FIELDS, *MEMORY_FIELDS)
 
 
 def check_overrides(overrides: dict) -> None:
@@ -54,7 +54,18 @@ class GeneratorConfig:
     chunk_size: int = field(default=256, metadata={"help": "w: tokens per independently encoded context chunk."})
     normalization: str = field(
         default="svd",
-        metadata={"help": "'svd': S~ = U_r V_r^T (paper); 'frobenius': S / ||S||_F (ablation)."},
+        metadata={
+            "help": "'svd': S~ = U_r V_r^T (paper); 'frobenius': S / ||S||_F (ablation); 'ridge': S~ = (G + mu I)^-1 S "
+            "with G = sum K^T K also kept in the state, the least-squares (delta-rule) write: the adapter maps a "
+            "query to the value the context's keys regress onto, not to a sum over every key it resembles."
+        },
+    )
+    ridge: float = field(
+        default=0.1,
+        metadata={
+            "help": "lambda of the 'ridge' normalisation: mu = lambda * tr(G) / n_tokens, i.e. lambda tokens' worth of "
+            "mean key energy; larger blurs the write toward the plain sum, smaller fits every key exactly."
+        },
     )
     chunk_mode: str = field(
         default="independent",
@@ -145,8 +156,9 @@ class GeneratorConfig:
             )
         if self.memory_background < 0:
             raise GenAdapterError(f"memory_background must be 0 or positive, got {self.memory_background}")
-        if self.memory_ridge <= 0:
-            raise GenAdapterError(f"memory_ridge must be positive, got {self.memory_ridge}")
+        for name in ("memory_ridge", "ridge"):
+            if getattr(self, name) <= 0:
+                raise GenAdapterError(f"{name} must be positive, got {getattr(self, name)}")
         if self.memory_targets not in MEMORY_TARGETS:
             raise GenAdapterError(f"memory_targets must be one of {MEMORY_TARGETS}, got {self.memory_targets!r}")
         if self.chunk_mode not in CHUNK_MODES:

@@ -3,6 +3,7 @@
 For an adapted linear y = W x in decoder layer l, with H the hidden states entering layer l:
     Ĥ = RMSNorm_γ(H);  K = Ĥ A2ᵀ (M×R1);  V = Ĥ A3ᵀ (M×R2);  S = Σ_t K_tᵀ V_(t+shift) (R1×R2), t within a chunk
     S~ = U_r V_rᵀ (SVD, singular values set to 1)  or  S / ||S||_F
+         or (G + μI)⁻¹ S with G = Σ_t K_tᵀ K_t kept in the state too ("ridge": the least-squares write)
     ΔW = (α / R2) · B S~ᵀ A1   (d_out×d_in), B zero-initialised.
 """
 
@@ -26,10 +27,21 @@ from torch import Tensor, nn
 from .config import GeneratorConfig
 from .errors import GenAdapterError, ModelLoadError
 from .memory import BACKGROUND_PREFIX, NextTokenMemory, memory_modules
+from .ridge import relative_ridge, solve_ridge
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
 PEFT_CONFIG_FILE = "adapter_config.json"  # a PEFT adapter directory, e.g. the authors' FastLoRA generators
+_GRAM_TAG = ":gram"
+
+
+def gram_key(name: str) -> str:
+    """State key of G = Σ KᵀK (R1, R1), the key sum of one module that the "ridge" normalisation solves with."""
+    return f"{name}{_GRAM_TAG}"
+
+
+def is_gram_key(key: str) -> bool:
+    return key.endswith(_GRAM_TAG)
 
 
 @lru_cache(maxsize=4)
@@ -299,6 +311,19 @@ def normalize_state(S: Tensor, config: GeneratorConfig, method: str | None = Non
     return S / norm[..., None, None]
 
 
+def ridge_normalize(S: Tensor, gram: Tensor, num_tokens: int | Tensor, strength: float) -> Tensor:
+    """S~ = (G + μI)⁻¹ S (..., R1, R2), μ = strength · tr(G) / n_tokens, solved in fp64 (returned in fp32): the
+    ridge-regression map from the context's keys to its values, so a query A1 x reads out Sᵀ (G + μI)⁻¹ A1 x, the
+    value its keys predict. Zero where no token was absorbed. gram: (..., R1, R1); num_tokens: an int, or one count
+    per index of the dimension just before the matrices' (one per context)."""
+    with _without_autocast(S.device):
+        tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=S.device)
+        eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=S.device)
+        prior = relative_ridge(gram.double(), tokens, strength)[..., None, None] * eye
+        solved = solve_ridge(gram, prior, S) * (tokens > 0)[..., None, None]
+        return solved.float()
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """Where an adapted linear sits in the LM and its shape."""
@@ -418,26 +443,48 @@ class AdapterGenerator(nn.Module):
                 for name, kv in zip(names, projected, strict=True):
                     keys, values = kv[..., : max(kv.shape[-2] - shift, 0), :r1], kv[..., shift:, r1:]
                     out[name] = keys.transpose(-1, -2) @ values  # (N, R1, R2)
-        return {name: out[name] for name in self.targets}
+                    if self.config.normalization == "ridge":
+                        out[gram_key(name)] = keys.transpose(-1, -2) @ keys  # (N, R1, R1)
+        return {key: out[key] for key in self.state_keys}
 
-    def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Normalised states of all modules, in one batched SVD (every module's state is R1 × R2); memory parts
-        of a state's sums, if any, are left out (see `adapters`)."""
-        sums = {name: sums[name] for name in self.targets if name in sums}
-        if not sums:
+    @property
+    def state_keys(self) -> list[str]:
+        """Keys of the generator's own part of a state, in order: S per module, then with the "ridge" normalisation
+        G per module (the next-token memory's parts are its own: memory.empty_sums)."""
+        grams = [gram_key(name) for name in self.targets] if self.config.normalization == "ridge" else []
+        return [*self.targets, *grams]
+
+    def empty_sums(self) -> dict[str, Tensor]:
+        """Zero sums of the generator's own part of a state: S (R1, R2) and G (R1, R1)."""
+        r1, r2 = self.config.key_dim, self.config.value_dim
+        return {key: torch.zeros(r1, r1 if is_gram_key(key) else r2) for key in self.state_keys}
+
+    def normalize(self, sums: dict[str, Tensor], num_tokens: int | Tensor | None = None) -> dict[str, Tensor]:
+        """Normalised states of all modules, in one batched SVD or ridge solve (every module's state is R1 × R2);
+        memory parts of a state's sums, if any, are left out (see `adapters`). The "ridge" normalisation needs the
+        G sums and the token count (`adapters` passes them)."""
+        names = [name for name in self.targets if name in sums]
+        if not names:
             return {}
-        stacked = normalize_state(torch.stack(list(sums.values())), self.config)
-        return dict(zip(sums, stacked.unbind(0), strict=True))
+        stacked = torch.stack([sums[name] for name in names])
+        if self.config.normalization == "ridge":
+            if num_tokens is None or any(gram_key(name) not in sums for name in names):
+                raise GenAdapterError("the ridge normalisation solves with the state's G sums and its token count")
+            grams = torch.stack([sums[gram_key(name)] for name in names])
+            normalized = ridge_normalize(stacked, grams, num_tokens, self.config.ridge)
+        else:
+            normalized = normalize_state(stacked, self.config)
+        return dict(zip(names, normalized.unbind(0), strict=True))
 
-    def adapters(self, sums: dict[str, Tensor], num_tokens: int) -> dict[str, Tensor]:
+    def adapters(self, sums: dict[str, Tensor], num_tokens: int | Tensor) -> dict[str, Tensor]:
         """What the injector applies: S~ per module, plus the solved next-token memory maps when it is on."""
-        adapters = self.normalize(sums)
+        adapters = self.normalize(sums, num_tokens)
         if self.memory is not None:
             adapters.update(self.memory.maps(sums, num_tokens))
         return adapters
 
     def export_rank(self) -> int:
-        """Rank of the exported LoRA: exact for both normalisations."""
+        """Rank of the exported LoRA: exact for every normalisation."""
         if self.config.normalization == "svd":
             return self.config.rank
         return min(self.config.key_dim, self.config.value_dim)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .config import GeneratorConfig
 from .errors import GenAdapterError
+from .ridge import relative_ridge, solve_ridge
 
 _MEMORY_TAG = ":memory_"
 BACKGROUND_PREFIX = "background_"  # buffer names of Σ, the only memory tensors saved with a generator
@@ -194,27 +195,19 @@ class NextTokenMemory(nn.Module):
         for name in self.module_names:
             values, keys = sums[memory_key(name, "values")], sums[memory_key(name, "keys")]
             tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=keys.device)
-            background = self.background(name) if beta else None
-            # G + μI + βΣ is symmetric positive definite: Cholesky. (Batched LU solves also failed inside MKL — "DLASWP
-            # parameter 6" — once the eigh thread pool of generator.py had run.)
-            factor, failed = torch.linalg.cholesky_ex(self._system(keys.double(), tokens, background))
-            if bool(failed.any()):
-                # a subtraction of text that was never absorbed leaves a G that is not positive semi-definite:
-                # solve with its nearest one instead (its negative directions set to zero), so every state answers
-                factor = torch.linalg.cholesky(self._system(nearest_psd(keys.double()), tokens, background))
-            solved = torch.cholesky_solve(values.double().mT, factor).mT  # C (G + μI + βΣ)⁻¹
+            solved = solve_ridge(keys, self._prior(keys, tokens, name), values.mT).mT  # C (G + μI + βΣ)⁻¹
             solved = solved * (tokens > 0)[..., None, None]
             out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
         return out
 
-    def _system(self, keys: Tensor, tokens: Tensor, background: Tensor | None) -> Tensor:
-        """G + μI + βΣ in fp64, μ = λ · tr(G) / n_tokens (at least 1e-12)."""
-        ridge = self.config.memory_ridge * keys.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
+    def _prior(self, keys: Tensor, tokens: Tensor, name: str) -> Tensor:
+        """μI + βΣ in fp64, μ = λ · tr(G) / n_tokens (relative_ridge)."""
         eye = torch.eye(keys.shape[-1], dtype=torch.float64, device=keys.device)
-        prior = ridge.clamp_min(1e-12)[..., None, None] * eye
-        if background is not None:
-            prior = prior + self.config.memory_background * background.to(device=keys.device, dtype=torch.float64)
-        return keys + prior
+        prior = relative_ridge(keys.double(), tokens, self.config.memory_ridge)[..., None, None] * eye
+        if self.config.memory_background:
+            background = self.background(name).to(device=keys.device, dtype=torch.float64)
+            prior = prior + self.config.memory_background * background
+        return prior
 
     def lora_factors(self, name: str, memory_map: Tensor) -> tuple[Tensor, Tensor]:
         """Exact factors (lora_A (k', d_in), lora_B (d_out, k')) with ΔW = lora_B @ lora_A."""
@@ -223,12 +216,6 @@ class NextTokenMemory(nn.Module):
             return projection.float(), memory_map.float()
         U, sigma, Vh = torch.linalg.svd(memory_map.float(), full_matrices=False)
         return Vh, U * sigma
-
-
-def nearest_psd(gram: Tensor) -> Tensor:
-    """The positive semi-definite matrix nearest to a symmetric one (Frobenius norm): negative eigenvalues set to 0."""
-    values, vectors = torch.linalg.eigh((gram + gram.mT) / 2)
-    return (vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.mT
 
 
 def memory_modules(config: GeneratorConfig, layers: dict[str, int], num_layers: int) -> list[str]:

@@ -12,6 +12,7 @@ import typer
 from ..base_model import EMBEDDED_MODEL
 from ..errors import GenAdapterError
 from ..fileio import PEFT_MARKER, check_replaceable_dir
+from ..generator import is_gram_key
 from ..memory import is_memory_key
 from .common import (
     STDIN,
@@ -134,8 +135,8 @@ def info(
         return str(config.get(key, "?"))
 
     targets = config.get("target_modules") or []
-    adapted = [name for name in state.sums if not is_memory_key(name)]
-    memory = len(state.sums) - len(adapted)
+    adapted = [name for name in state.sums if not (is_memory_key(name) or is_gram_key(name))]
+    memory = sum(map(is_memory_key, state.sums))
     rows = [
         ("file", str(state_file)),
         ("tokens", str(state.num_tokens)),

@@ -16,7 +16,12 @@ train_app = typer.Typer(help="Train a generator: `pretrain` (reconstruction + co
 ConfigOption = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TrainConfig JSON file.")]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a config field (VALUE parsed as JSON if it can be)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a config field (VALUE parsed as JSON if it can be); generator.FIELD sets one field of a fresh "
+        "generator's config.",
+    ),
 ]
 
 
@@ -28,7 +33,7 @@ def _train_config(config: Path | None, values: dict):
     from ..train import TrainConfig
 
     try:
-        return TrainConfig.load(config, values) if config else TrainConfig(**values)
+        return TrainConfig.load(config, values) if config else TrainConfig.from_dict({}, values)
     except TypeError as exc:
         raise GenAdapterError(f"bad training config: {exc}") from exc
 

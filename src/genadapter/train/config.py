@@ -161,7 +161,20 @@ class TrainConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise GenAdapterError(f"config file {path} is not valid JSON: {exc}") from exc
-        data.update(overrides or {})
+        return cls.from_dict(data, overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict, overrides: dict | None = None) -> TrainConfig:
+        """A config from `data` with `overrides` applied; an override "generator.FIELD" changes one field of the
+        fresh generator's config (the rest as in `data`, or the default shape)."""
+        data = dict(data)
+        for key, value in (overrides or {}).items():
+            if key.startswith("generator."):
+                generator = data.get("generator", cls.__dataclass_fields__["generator"].default_factory())
+                generator = generator.to_dict() if isinstance(generator, GeneratorConfig) else dict(generator)
+                data["generator"] = {**generator, key.removeprefix("generator."): value}
+            else:
+                data[key] = value
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise GenAdapterError(f"unknown training config keys: {sorted(unknown)}")

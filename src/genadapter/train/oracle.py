@@ -36,13 +36,14 @@ def readout_oracle(
         batch = AnswerBatch.build(ga, items, max_context_tokens)
         with torch.no_grad():
             written = context_states(ga, batch.contexts[:1])  # name -> (1, R1, R2); the generator's part only
-            written = {name: written[name] for name in ga.generator.module_names}
-            start = written if through_normaliser else ga.generator.normalize(written)
+            written = {key: written[key] for key in ga.generator.state_keys}
+            tokens = sum(len(document) for document in batch.contexts[0])
+            start = written if through_normaliser else ga.generator.normalize(written, tokens)
         free = {name: s.clone().requires_grad_(True) for name, s in start.items()}
         optimizer = torch.optim.Adam(free.values(), lr=lr)
         curve = []
         for step in range(steps + 1):
-            states = ga.generator.normalize(free) if through_normaliser else free
+            states = ga.generator.normalize(free, tokens) if through_normaliser else free
             loss, _ = batch.answer_nll(ga, {name: s.expand(len(items), -1, -1) for name, s in states.items()})
             curve.append(loss.item())
             if step == steps:
