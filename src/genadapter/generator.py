@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .config import GeneratorConfig
 from .errors import GenAdapterError, ModelLoadError
 from .memory import BACKGROUND_PREFIX, NextTokenMemory, memory_modules
-from .ridge import relative_ridge, solve_ridge
+from .ridge import solve_relative_ridge
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
@@ -317,11 +317,7 @@ def ridge_normalize(S: Tensor, gram: Tensor, num_tokens: int | Tensor, strength:
     value its keys predict. Zero where no token was absorbed. gram: (..., R1, R1); num_tokens: an int, or one count
     per index of the dimension just before the matrices' (one per context)."""
     with _without_autocast(S.device):
-        tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=S.device)
-        eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=S.device)
-        prior = relative_ridge(gram.double(), tokens, strength)[..., None, None] * eye
-        solved = solve_ridge(gram, prior, S) * (tokens > 0)[..., None, None]
-        return solved.float()
+        return solve_relative_ridge(gram, S, num_tokens, strength).float()
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .config import GeneratorConfig
 from .errors import GenAdapterError
-from .ridge import relative_ridge, solve_ridge
+from .ridge import solve_relative_ridge
 
 _MEMORY_TAG = ":memory_"
 BACKGROUND_PREFIX = "background_"  # buffer names of Σ, the only memory tensors saved with a generator
@@ -194,20 +194,10 @@ class NextTokenMemory(nn.Module):
         out = {}
         for name in self.module_names:
             values, keys = sums[memory_key(name, "values")], sums[memory_key(name, "keys")]
-            tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=keys.device)
-            solved = solve_ridge(keys, self._prior(keys, tokens, name), values.mT).mT  # C (G + μI + βΣ)⁻¹
-            solved = solved * (tokens > 0)[..., None, None]
-            out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)
+            background = beta * self.background(name).double() if beta else None
+            solved = solve_relative_ridge(keys, values.mT, num_tokens, self.config.memory_ridge, background).mT
+            out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)  # η C (G + μI + βΣ)⁻¹
         return out
-
-    def _prior(self, keys: Tensor, tokens: Tensor, name: str) -> Tensor:
-        """μI + βΣ in fp64, μ = λ · tr(G) / n_tokens (relative_ridge)."""
-        eye = torch.eye(keys.shape[-1], dtype=torch.float64, device=keys.device)
-        prior = relative_ridge(keys.double(), tokens, self.config.memory_ridge)[..., None, None] * eye
-        if self.config.memory_background:
-            background = self.background(name).to(device=keys.device, dtype=torch.float64)
-            prior = prior + self.config.memory_background * background
-        return prior
 
     def lora_factors(self, name: str, memory_map: Tensor) -> tuple[Tensor, Tensor]:
         """Exact factors (lora_A (k', d_in), lora_B (d_out, k')) with ΔW = lora_B @ lora_A."""

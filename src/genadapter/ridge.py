@@ -17,10 +17,19 @@ def nearest_psd(gram: Tensor) -> Tensor:
     return (vectors * values.clamp_min(0).unsqueeze(-2)) @ vectors.mT
 
 
-def relative_ridge(gram: Tensor, tokens: Tensor, strength: float) -> Tensor:
-    """μ (...,): `strength` times the mean key energy per token, tr(G) / n_tokens (n at least 1), at least 1e-12."""
-    energy = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)
-    return (strength * energy).clamp_min(1e-12)
+def solve_relative_ridge(
+    gram: Tensor, rhs: Tensor, num_tokens: int | Tensor, strength: float, extra_prior: Tensor | None = None
+) -> Tensor:
+    """(G + μI + extra_prior)⁻¹ rhs in fp64, μ = `strength` times the mean key energy per token, tr(G) / n_tokens
+    (n at least 1; μ at least 1e-12), and zero where no token was absorbed. num_tokens: an int, or one count per
+    index of the dimension just before the matrices'."""
+    gram = gram.double()
+    tokens = torch.as_tensor(num_tokens, dtype=torch.float64, device=gram.device)
+    mu = (strength * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / tokens.clamp_min(1)).clamp_min(1e-12)
+    prior = mu[..., None, None] * torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
+    if extra_prior is not None:
+        prior = prior + extra_prior.to(device=gram.device, dtype=torch.float64)
+    return solve_ridge(gram, prior, rhs) * (tokens > 0)[..., None, None]
 
 
 def solve_ridge(gram: Tensor, prior: Tensor, rhs: Tensor) -> Tensor:

@@ -70,6 +70,11 @@ def parse_pairs(pairs: Sequence[str] | None, option: str, as_json: bool = True) 
     return values
 
 
+def pairs_option(flag: str, help: str) -> Any:
+    """A repeatable `KEY=VALUE` option (read with parse_pairs), as a typer parameter annotation."""
+    return Annotated[list[str] | None, typer.Option(flag, metavar="KEY=VALUE", help=help)]
+
+
 BaseOption = Annotated[
     str,
     typer.Option(

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import GenAdapterError
-from .common import parse_pairs
+from .common import pairs_option, parse_pairs
 
 eval_app = typer.Typer(
     help="Evaluate closed-book, prompting, sft and genadapter: knowledge QA, in-context learning, persona.",
@@ -55,15 +55,10 @@ BaseOpt = Annotated[
 GeneratorOpt = Annotated[
     Path | None, typer.Option("--generator", metavar="DIR", help="Generator directory (default: the shipped one).")
 ]
-GeneratorSetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--generator-set",
-        metavar="KEY=VALUE",
-        help="Change a generator config field that no weight depends on, e.g. --generator-set memory_layers=0 "
-        "(the memory off).",
-    ),
-]
+GeneratorSetOpt = pairs_option(
+    "--generator-set",
+    "Change a generator config field that no weight depends on, e.g. --generator-set memory_layers=0 (the memory off).",
+)
 DevOpt = Annotated[
     int | None, typer.Option("--dev", metavar="N", min=0, help="Dev items for template selection (0: no selection).")
 ]
@@ -85,10 +80,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Rows per for
 WindowOpt = Annotated[
     int | None, typer.Option("--window", min=16, help="Prompt window in tokens (default: the model's maximum).")
 ]
-SftOpt = Annotated[
-    list[str] | None,
-    typer.Option("--sft", metavar="KEY=VALUE", help="SFT baseline setting, e.g. --sft epochs=5 --sft lr=5e-4."),
-]
+SftOpt = pairs_option("--sft", "SFT baseline setting, e.g. --sft epochs=5 --sft lr=5e-4.")
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 …")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
 PrefixOpt = Annotated[

@@ -10,19 +10,15 @@ import typer
 from ..base_model import EMBEDDED_MODEL
 from ..data import HELDOUT_WIKI_LEADS
 from ..errors import GenAdapterError
-from .common import BaseOption, load_adapter, parse_pairs, read_context
+from .common import BaseOption, load_adapter, pairs_option, parse_pairs, read_context
 
 train_app = typer.Typer(help="Train a generator: `pretrain` (reconstruction + completion) or `instruct`.")
 ConfigOption = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TrainConfig JSON file.")]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        metavar="KEY=VALUE",
-        help="Override a config field (VALUE parsed as JSON if it can be); generator.FIELD sets one field of a fresh "
-        "generator's config.",
-    ),
-]
+SetOption = pairs_option(
+    "--set",
+    "Override a config field (VALUE parsed as JSON if it can be); generator.FIELD sets one field of a fresh "
+    "generator's config.",
+)
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
