@@ -16,9 +16,10 @@ from genadapter import GenerativeAdapter
         {"normalization": "frobenius"},
         {"normalization": "svd", **MEMORY},
         {"normalization": "svd", **MEMORY, "memory_keys": 0},  # full-width keys: factors from an SVD
+        {"normalization": "svd", **MEMORY, "memory_learned_keys": True},
         RIDGE,
     ],
-    ids=["svd", "frobenius", "with-memory", "with-full-memory", "ridge"],
+    ids=["svd", "frobenius", "with-memory", "with-full-memory", "with-learned-memory", "ridge"],
 )
 def test_peft_export_gives_identical_logits(tmp_path, overrides):
     ga = make_adapter(rank=6, **overrides)

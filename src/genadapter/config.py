@@ -24,9 +24,11 @@ MEMORY_FIELDS = (
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 ENCODING_FIELDS = ("chunk_mode", "chunk_split", "context_bos")
 OVERRIDABLE = ("rank", "value_shift", "ridge", *ENCODING_FIELDS, *MEMORY_FIELDS)
+# fields the learned memory key projections' shapes and names depend on (memory_learned_keys)
+_KEY_SHAPE_FIELDS = ("memory_layers", "memory_module", "memory_keys")
 # fields added after the first generators shipped: left out of fingerprints while they hold their default, so older
 # generators keep their fingerprints and the states made with them stay valid
-_LATER_FIELDS = ("value_shift", "ridge", *ENCODING_FIELDS, *MEMORY_FIELDS)
+_LATER_FIELDS = ("value_shift", "ridge", "memory_learned_keys", *ENCODING_FIELDS, *MEMORY_FIELDS)
 
 
 def check_overrides(overrides: dict) -> None:
@@ -107,7 +109,16 @@ class GeneratorConfig:
     )
     memory_keys: int = field(
         default=256,
-        metadata={"help": "Width k of the memory keys P x (P fixed random); 0 keys on the full module input."},
+        metadata={"help": "Width k of the memory keys P x (P random, or learned); 0 keys on the full module input."},
+    )
+    memory_learned_keys: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the memory's key projection P (k x d_in, initialised at the random one, saved with the "
+            "generator) instead of keeping it fixed: the write stays a closed-form least-squares solve, what it keys "
+            "on is learned, so a smaller k can keep apart the positions a random one blurs. Needs memory_keys > 0 and "
+            "memory_background 0 (Σ is measured for one P)."
+        },
     )
     memory_scale: float = field(default=8.0, metadata={"help": "eta: strength of the memory update."})
     memory_ridge: float = field(
@@ -150,6 +161,13 @@ class GeneratorConfig:
             raise GenAdapterError(f"value_shift must be 0 or positive, got {self.value_shift}")
         if self.memory_layers < 0 or self.memory_keys < 0:
             raise GenAdapterError("memory_layers and memory_keys must be 0 or positive")
+        if self.memory_learned_keys and not self.memory_keys:
+            raise GenAdapterError("memory_learned_keys trains the key projection P: it needs memory_keys > 0")
+        if self.memory_learned_keys and self.memory_background:
+            raise GenAdapterError(
+                "memory_background's Σ is measured for one key projection and would go stale as learned keys train: "
+                "set memory_background to 0 with memory_learned_keys"
+            )
         if self.memory_layers and self.memory_module not in self.target_modules:
             raise GenAdapterError(
                 f"memory_module {self.memory_module!r} must be one of target_modules {self.target_modules}"
@@ -184,6 +202,12 @@ class GeneratorConfig:
     def with_overrides(self, overrides: dict | None) -> GeneratorConfig:
         """This config with some OVERRIDABLE fields changed (validated like any config)."""
         check_overrides(overrides or {})
+        reshaping = {k: v for k, v in (overrides or {}).items() if k in _KEY_SHAPE_FIELDS and v != getattr(self, k)}
+        if self.memory_learned_keys and reshaping and reshaping != {"memory_layers": 0}:
+            raise GenAdapterError(
+                f"this generator learned its memory key projections: {sorted(reshaping)} cannot change "
+                "(memory_layers 0 switches the memory off)"
+            )
         return replace(self, **overrides) if overrides else self
 
     @classmethod

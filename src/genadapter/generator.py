@@ -518,8 +518,10 @@ class AdapterGenerator(nn.Module):
         except Exception as exc:  # safetensors raises several types on corrupt files
             raise ModelLoadError(f"cannot read generator weights {directory / WEIGHTS_FILE}: {exc}") from exc
         own = generator.state_dict()
-        # Σ of the memory's background term may be missing (measured later: calibrate_memory) or unused (β = 0)
-        optional = {k for k in {*own, *tensors} if k.startswith(f"memory.{BACKGROUND_PREFIX}")}
+        # Σ of the memory's background term may be missing (measured later: calibrate_memory) or unused (β = 0), and
+        # learned memory keys are unused when an override switches the memory off
+        unused = "memory." if generator.memory is None else f"memory.{BACKGROUND_PREFIX}"
+        optional = {k for k in {*own, *tensors} if k.startswith(unused)}
         if set(tensors) - optional != set(own) - optional or any(
             tensors[k].shape != own[k].shape for k in own if k in tensors
         ):

@@ -1,7 +1,7 @@
 """Next-token memory: a closed-form, training-free write of a context's next-token associations (not in the paper).
 
 For an adapted linear y = W x in one of the last `memory_layers` layers, while the frozen LM reads a context:
-    k_t = P x_t (k,)   P: fixed random (k × d_in), or the identity when memory_keys = 0
+    k_t = P x_t (k,)   P: random (k × d_in), fixed or learned (memory_learned_keys); the identity when memory_keys = 0
     e_t = E[token t+1] (d_out,)   the output embedding of the token that came next (pairs stay within a chunk);
           with memory_targets = "error", minus Σ_v p_t(v) E[v], the embedding the frozen LM expected there
     state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
@@ -13,7 +13,9 @@ so new text the model reads or writes is disturbed less. The "error" targets
 make it a delta rule, as one gradient step of the next-token loss through the output embedding would: tokens the LM
 already predicted add nothing, so the write keeps what is specific to the text. Why a memory at all: the trained
 generator writes little that is specific to a context, while this write, with no training, makes a text's own adapter
-read it far better than another text's (docs/experiments/ has the measurements, and what it costs).
+read it far better than another text's (docs/experiments/ has the measurements, and what it costs). With learned
+keys, the loss reaches P through both the write (C, G) and the read (ΔW x = η C (G + μI)⁻¹ P x): training chooses
+what the least-squares write keys on, while the write itself stays closed-form and additive.
 """
 
 from __future__ import annotations
@@ -52,9 +54,12 @@ class NextTokenMemory(nn.Module):
         self._background_names = {name: f"{BACKGROUND_PREFIX}{i}" for i, name in enumerate(self.in_features)}
         rng = torch.Generator().manual_seed(config.seed + 1)
         for name, d_in in self.in_features.items():
-            if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small; not saved
+            if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small
                 projection = torch.randn(config.memory_keys, d_in, generator=rng) / d_in**0.5
-                self.register_buffer(self._buffer_names[name], projection, persistent=False)
+                if config.memory_learned_keys:  # a parameter: trained and saved with the generator
+                    self.register_parameter(self._buffer_names[name], nn.Parameter(projection))
+                else:  # rebuilt from the seed, never saved
+                    self.register_buffer(self._buffer_names[name], projection, persistent=False)
             if config.memory_background:  # Σ: measured on text by `set_background`, saved with the generator
                 k = self.key_width(name)
                 self.register_buffer(self._background_names[name], torch.zeros(k, k))
@@ -105,13 +110,16 @@ class NextTokenMemory(nn.Module):
     @contextmanager
     def capturing(self, model: nn.Module) -> Iterator[dict[str, Tensor]]:
         """Inside the block, each forward through one of `model`'s memory modules stores its keys P x (N, T, k) in the
-        yielded dict, by module name."""
+        yielded dict, by module name. The keys take the grad mode of the code entering the block, not that of the
+        frozen forward inside it: learned keys get their gradient through the write."""
         keys: dict[str, Tensor] = {}
         modules = dict(model.named_modules())
+        grad = torch.is_grad_enabled()
 
         def hook(name: str):
             def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
-                keys[name] = self.keys(name, args[0].float())
+                with torch.set_grad_enabled(grad):
+                    keys[name] = self.keys(name, args[0].float())
 
             return capture
 
@@ -203,7 +211,7 @@ class NextTokenMemory(nn.Module):
         """Exact factors (lora_A (k', d_in), lora_B (d_out, k')) with ΔW = lora_B @ lora_A."""
         projection = self.projection(name)
         if projection is not None:
-            return projection.float(), memory_map.float()
+            return projection.detach().float(), memory_map.float()
         U, sigma, Vh = torch.linalg.svd(memory_map.float(), full_matrices=False)
         return Vh, U * sigma
 

@@ -30,7 +30,7 @@ def to_device(values: list[int], device: torch.device) -> Tensor:
 
 def context_states(ga: GenerativeAdapter, contexts: list[list[list[int]]]) -> dict[str, Tensor]:
     """Sum of chunk states per context, with grad into the generator: name -> (E, R1, R2); plus the next-token
-    memory sums (no grad) when the generator has a memory."""
+    memory sums when the generator has a memory (with grad into its key projection when that is learned)."""
     chunks, owner = [], []
     for index, documents in enumerate(contexts):
         pieces = ga.chunk(documents)
