@@ -76,9 +76,9 @@ def test_learned_keys_save_load_and_switch_off(tmp_path):
     assert loaded.fingerprint == ga.generator.fingerprint() != ga.fingerprint  # P is part of what it hashes
     for mine, theirs in zip(projections(ga), projections(loaded), strict=True):
         torch.testing.assert_close(mine, theirs)
-    state = ga.absorb(TEXT_B)
-    for key, value in ga.adapter_factors(state).items():
-        torch.testing.assert_close(loaded.adapter_factors(loaded.absorb(TEXT_B))[key], value)
+    theirs = loaded.adapter_factors(loaded.absorb(TEXT_B))
+    for key, value in ga.adapter_factors(ga.absorb(TEXT_B)).items():
+        torch.testing.assert_close(theirs[key], value)
     off = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides={"memory_layers": 0})
     assert off.generator.memory is None
     with pytest.raises(GenAdapterError, match="cannot change"):

@@ -31,7 +31,7 @@ from .errors import GenAdapterError
 from .ridge import solve_relative_ridge
 
 _MEMORY_TAG = ":memory_"
-BACKGROUND_PREFIX = "background_"  # buffer names of Σ, the only memory tensors saved with a generator
+BACKGROUND_PREFIX = "background_"  # buffer names of Σ, saved with a generator (as learned key projections are)
 
 
 def memory_key(name: str, part: str) -> str:
@@ -50,16 +50,16 @@ class NextTokenMemory(nn.Module):
         super().__init__()
         self.config = config
         self.in_features, self.out_features = dict(in_features), dict(out_features)
-        self._buffer_names = {name: f"projection_{i}" for i, name in enumerate(self.in_features)}
+        self._projection_names = {name: f"projection_{i}" for i, name in enumerate(self.in_features)}
         self._background_names = {name: f"{BACKGROUND_PREFIX}{i}" for i, name in enumerate(self.in_features)}
         rng = torch.Generator().manual_seed(config.seed + 1)
         for name, d_in in self.in_features.items():
             if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small
                 projection = torch.randn(config.memory_keys, d_in, generator=rng) / d_in**0.5
                 if config.memory_learned_keys:  # a parameter: trained and saved with the generator
-                    self.register_parameter(self._buffer_names[name], nn.Parameter(projection))
+                    self.register_parameter(self._projection_names[name], nn.Parameter(projection))
                 else:  # rebuilt from the seed, never saved
-                    self.register_buffer(self._buffer_names[name], projection, persistent=False)
+                    self.register_buffer(self._projection_names[name], projection, persistent=False)
             if config.memory_background:  # Σ: measured on text by `set_background`, saved with the generator
                 k = self.key_width(name)
                 self.register_buffer(self._background_names[name], torch.zeros(k, k))
@@ -69,7 +69,7 @@ class NextTokenMemory(nn.Module):
         return list(self.in_features)
 
     def projection(self, name: str) -> Tensor | None:
-        return getattr(self, self._buffer_names[name]) if self.config.memory_keys else None
+        return getattr(self, self._projection_names[name]) if self.config.memory_keys else None
 
     def background(self, name: str) -> Tensor:
         """Σ (k, k) of one module; only when memory_background > 0."""
