@@ -1,4 +1,5 @@
-"""The results page is checked against its run files, and the docs' relative links resolve.
+"""The results page is checked against its run files, the docs' relative links resolve, and the training guide
+lists every config field.
 
 docs/results.md copies every table from a results file of a run under docs/experiments/results/. The line before
 each table (blank lines aside) names that file as a markdown link and gives the command that produced it; the
@@ -174,3 +175,20 @@ def test_model_card_is_short_and_names_the_shipped_generator():
     assert len(text.split("\n")) <= 200
     assert "5b91070a00fd5e8a" in text
     assert "docs/experiments/" in text
+
+
+def test_training_guide_lists_every_config_field_with_its_default():
+    from dataclasses import MISSING, fields
+
+    from genadapter.train import TrainConfig
+
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", (ROOT / "docs" / "training.md").read_text(), re.M))
+    for spec in fields(TrainConfig):
+        assert spec.name in rows, f"docs/training.md has no row for TrainConfig.{spec.name}"
+        documented = rows[spec.name].strip().strip("`").strip('"')
+        if spec.default is not MISSING and isinstance(spec.default, bool):
+            assert documented == str(spec.default).lower(), spec.name
+        elif spec.default is not MISSING and isinstance(spec.default, int | float):
+            assert float(documented) == spec.default, spec.name
+        elif spec.default is not MISSING and spec.default is not None:
+            assert documented == spec.default, spec.name

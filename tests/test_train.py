@@ -643,6 +643,9 @@ def test_cli_heldout_scores_a_generator_directory(tiny_dirs, tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["completion_adapter"] > 0 and "qa_nll_other_context" in metrics
 
+    bad = CliRunner().invoke(app, ["train", "heldout", str(gen), "--generator-set", "key_dim=4"])
+    assert bad.exit_code == 1 and "overrides may change only" in bad.stderr
+
     missing = CliRunner().invoke(app, ["train", "heldout", str(tmp_path)])
     assert missing.exit_code == 1 and "not a generator directory" in missing.stderr
 
@@ -658,6 +661,7 @@ def test_heldout_scores_the_directorys_generator_not_the_runs_overrides(tiny_dir
     (gen / "train_config.json").write_text(json.dumps(saved))
     monkeypatch.setattr(loop.HeldOut, "evaluate", lambda self, ga: {"memory_layers": ga.config.memory_layers})
     assert loop.evaluate_generator(gen) == {"memory_layers": 0}
+    assert loop.evaluate_generator(gen, overrides={"memory_layers": 1}) == {"memory_layers": 1}  # asked for: applied
 
 
 def test_more_fact_f1_items_extend_the_default_draw():

@@ -75,6 +75,10 @@ def pairs_option(flag: str, help: str) -> Any:
     return Annotated[list[str] | None, typer.Option(flag, metavar="KEY=VALUE", help=help)]
 
 
+GeneratorSetOpt = pairs_option(
+    "--generator-set",
+    "Change a generator config field that no weight depends on, e.g. --generator-set memory_layers=0 (the memory off).",
+)
 BaseOption = Annotated[
     str,
     typer.Option(

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from ..errors import GenAdapterError
-from .common import pairs_option, parse_pairs
+from .common import GeneratorSetOpt, pairs_option, parse_pairs
 
 eval_app = typer.Typer(
     help="Evaluate closed-book, prompting, sft and genadapter: knowledge QA, in-context learning, persona.",
@@ -55,10 +55,6 @@ BaseOpt = Annotated[
 GeneratorOpt = Annotated[
     Path | None, typer.Option("--generator", metavar="DIR", help="Generator directory (default: the shipped one).")
 ]
-GeneratorSetOpt = pairs_option(
-    "--generator-set",
-    "Change a generator config field that no weight depends on, e.g. --generator-set memory_layers=0 (the memory off).",
-)
 DevOpt = Annotated[
     int | None, typer.Option("--dev", metavar="N", min=0, help="Dev items for template selection (0: no selection).")
 ]

@@ -10,7 +10,7 @@ import typer
 from ..base_model import EMBEDDED_MODEL
 from ..data import HELDOUT_WIKI_LEADS
 from ..errors import GenAdapterError
-from .common import BaseOption, load_adapter, pairs_option, parse_pairs, read_context
+from .common import BaseOption, GeneratorSetOpt, load_adapter, pairs_option, parse_pairs, read_context
 
 train_app = typer.Typer(help="Train a generator: `pretrain` (reconstruction + completion) or `instruct`.")
 ConfigOption = Annotated[Path | None, typer.Option("--config", metavar="FILE", help="TrainConfig JSON file.")]
@@ -71,6 +71,7 @@ def train_heldout(
     fact_f1: Annotated[
         int, typer.Option(min=1, help="Invented-entity questions answered greedily for the fact F1 (≈1 s each).")
     ] = 16,
+    generator_set: GeneratorSetOpt = None,
 ) -> None:
     """Score a generator on the fixed held-out set: losses with its adapter, another context's, and none."""
     import json
@@ -79,7 +80,33 @@ def train_heldout(
 
     if not (generator / "generator_config.json").is_file():
         raise GenAdapterError(f"{generator} is not a generator directory (no generator_config.json)")
-    typer.echo(json.dumps(evaluate_generator(generator, fact_f1), indent=2))
+    overrides = parse_pairs(generator_set, "--generator-set")
+    typer.echo(json.dumps(evaluate_generator(generator, fact_f1, overrides), indent=2))
+
+
+@train_app.command("curve")
+def train_curve(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="output_dir of a run with milestone_tokens.")],
+    metric: Annotated[
+        list[str],
+        typer.Option(
+            help="A milestone metric to plot (repeatable): a held-out one (facts_open_f1_adapter) or "
+            "SUBFOLDER/METHOD/METRIC of an evaluation written into each milestone (tweetqa/genadapter/f1)."
+        ),
+    ],
+    target: Annotated[
+        float | None,
+        typer.Option(help="A value of the first metric to reach (e.g. prompting's F1): when, by the trend?"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="Where curve.json/md/png go (default RUN_DIR).")
+    ] = None,
+) -> None:
+    """Plot milestone metrics against training tokens, fit metric = a + b log10(tokens), and extrapolate to --target."""
+    from ..train.curve import write_curve
+
+    write_curve(run_dir, metric, target, out)
+    typer.echo(((out or run_dir) / "curve.md").read_text())
 
 
 @train_app.command("calibrate")

@@ -111,6 +111,13 @@ class TrainConfig:
     eval_sequences: int = field(
         default=8, metadata={"help": "Held-out sequences per evaluation (8, as every shipped generator was scored)."}
     )
+    milestone_tokens: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Training tokens (nominal, see loop.step_tokens) at which to keep the generator with its held-out "
+            "metrics in output_dir/milestones/<tokens>/: the points of a scaling curve (`genadapter train curve`)."
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "Steps between JSONL log lines."})
     checkpoint_minutes: float = field(default=5.0, metadata={"help": "Save a resumable checkpoint this often."})
     max_minutes: float = field(
@@ -143,6 +150,10 @@ class TrainConfig:
             raise GenAdapterError("batch_size must be at least 1 and micro_batch_size 0 (off) or positive")
         if self.calibration_tokens < 1:
             raise GenAdapterError("calibration_tokens must be at least 1")
+        if any(not isinstance(m, int) or m < 1 for m in self.milestone_tokens):
+            raise GenAdapterError(
+                f"milestone_tokens must be positive whole numbers of tokens, got {self.milestone_tokens}"
+            )
         if self.num_chunks < 2:
             raise GenAdapterError("num_chunks must be at least 2 (completion predicts chunk i from chunks < i)")
 

@@ -9,6 +9,7 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -177,12 +178,32 @@ class HeldOut:
         return metrics
 
 
-def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
-    rng = np.random.default_rng([config.seed, step, rank])
-    seq_len = config.num_chunks * config.generator.chunk_size
+def batch_kind(config: TrainConfig, step: int) -> str:
+    """'pretrain' or 'instruct': which batch step `step` trains on (every pretrain_every-th is a pretraining one)."""
     if config.recipe == "pretrain" or (
         config.pretrain_every and step % config.pretrain_every == config.pretrain_every - 1
     ):
+        return "pretrain"
+    return "instruct"
+
+
+def step_tokens(config: TrainConfig, step: int) -> int:
+    """Nominal training tokens of step `step`: a pretraining batch's whole sequences, an instruction batch's contexts
+    at their cap. A function of the step alone, so the count (a scaling curve's x-axis) survives a resume."""
+    if batch_kind(config, step) == "pretrain":
+        return config.batch_size * config.num_chunks * config.generator.chunk_size
+    return config.batch_size * config.max_context_tokens
+
+
+def tokens_through(config: TrainConfig, steps: int) -> int:
+    """Nominal training tokens of the first `steps` steps."""
+    return sum(step_tokens(config, step) for step in range(steps))
+
+
+def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
+    rng = np.random.default_rng([config.seed, step, rank])
+    if batch_kind(config, step) == "pretrain":
+        seq_len = config.num_chunks * config.generator.chunk_size
         return "pretrain", stream.sample(rng, seq_len, config.batch_size), rng
     picks = rng.integers(0, len(examples), size=config.batch_size)
     return "instruct", [examples[i] for i in picks], rng
@@ -253,7 +274,6 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         config.save(out / "train_config.json")
     ga.generator.requires_grad_(True).train()
-    seq_len = config.num_chunks * ga.config.chunk_size
     documents = pretrain_documents(config.heldout_docs, config.max_documents)
     stream = TokenStream(documents, ga.tokenizer)
     examples = (
@@ -285,7 +305,14 @@ def train(config: TrainConfig) -> Path:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    last_save, started, tokens = time.monotonic(), time.monotonic(), 0
+    unreachable = [m for m in config.milestone_tokens if m > tokens_through(config, config.steps)]
+    if unreachable:
+        raise TrainingError(
+            f"milestone_tokens {unreachable} lie beyond the run's {tokens_through(config, config.steps)} tokens "
+            f"({config.steps} steps); raise steps or drop them"
+        )
+    last_save, started = time.monotonic(), time.monotonic()
+    seen = resumed_tokens = tokens_through(config, start)
 
     def elapsed_s() -> float:  # training time of the whole run, across resumes: what the time box counts
         return elapsed_before + time.monotonic() - started
@@ -318,8 +345,7 @@ def train(config: TrainConfig) -> Path:
         grad_norm = accelerator.clip_grad_norm_(ga.generator.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        tokens += seq_len * config.batch_size if kind == "pretrain" else config.batch_size * config.max_context_tokens
+        done, before, seen = step + 1, seen, seen + step_tokens(config, step)
         pending.append((step, kind, {"grad_norm": grad_norm, **losses}))
         if (step + 1) % config.log_every == 0:
             check_steps()
@@ -328,7 +354,8 @@ def train(config: TrainConfig) -> Path:
                 {
                     "step": step + 1,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": tokens / (time.monotonic() - started),
+                    "tokens_seen": seen,
+                    "tokens_per_s": (seen - resumed_tokens) / (time.monotonic() - started),
                     "elapsed_s": elapsed_s(),
                     **window_means(window),
                 }
@@ -339,6 +366,14 @@ def train(config: TrainConfig) -> Path:
             ga.generator.eval()
             write({"step": step + 1, "eval": heldout.evaluate(ga)})
             ga.generator.train()
+        reached = [m for m in config.milestone_tokens if before < m <= seen]
+        if accelerator.is_main_process and reached:
+            check_steps()
+            # the milestone's copy before the checkpoint past it: a crash in between re-runs the milestone
+            metrics = keep_milestones(ga, config, heldout, reached, done, seen)
+            write({"step": done, "tokens_seen": seen, "milestones": reached, "eval": metrics})
+            _save_checkpoint(checkpoint, ga.generator, optimizer, done, elapsed_s(), config)
+            last_save = time.monotonic()
         if accelerator.is_main_process and time.monotonic() - last_save > 60 * config.checkpoint_minutes:
             check_steps()
             _save_checkpoint(checkpoint, ga.generator, optimizer, step + 1, elapsed_s(), config)
@@ -404,28 +439,49 @@ def window_means(window: list[tuple[str, dict[str, float]]]) -> dict[str, float]
     return means
 
 
-def finalize(ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut | None = None) -> dict[str, float]:
-    """Evaluate on the held-out set and write the generator directory (weights, configs, metrics)."""
-    final = Path(config.output_dir) / "generator"
+def finalize(
+    ga: GenerativeAdapter,
+    config: TrainConfig,
+    heldout: HeldOut | None = None,
+    directories: Sequence[Path] = (),
+    record: dict | None = None,
+) -> dict[str, float]:
+    """Evaluate on the held-out set and write the generator directory (weights, configs, metrics, plus `record`'s
+    fields) to each of `directories` (default: output_dir/generator)."""
     ga.generator.eval()
     metrics = (heldout or HeldOut(ga, config)).evaluate(ga)
-    ga.generator.save(final, dtype=getattr(torch, config.save_dtype))
-    config.save(final / "train_config.json")
-    (final / "heldout_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for directory in directories or [Path(config.output_dir) / "generator"]:
+        ga.generator.save(directory, dtype=getattr(torch, config.save_dtype))
+        config.save(directory / "train_config.json")
+        (directory / "heldout_metrics.json").write_text(json.dumps({**metrics, **(record or {})}, indent=2) + "\n")
     return metrics
 
 
-def evaluate_generator(generator_dir: str | Path, fact_f1_items: int = 16) -> dict[str, float]:
-    """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one). The
-    directory's generator_config.json says what the generator is: the training run's `generator_overrides` are
-    already in it, or were changed after training (the shipped memory strength), so they are not applied again."""
+def keep_milestones(
+    ga: GenerativeAdapter, config: TrainConfig, heldout: HeldOut, milestones: list[int], step: int, seen: int
+) -> dict[str, float]:
+    """Write output_dir/milestones/<m>/ for each milestone `m` this step reached (one evaluation for all)."""
+    root = Path(config.output_dir) / "milestones"
+    directories = [root / str(m) for m in milestones]
+    metrics = finalize(ga, config, heldout, directories, {"step": step, "tokens_seen": seen})
+    ga.generator.train()
+    return metrics
+
+
+def evaluate_generator(
+    generator_dir: str | Path, fact_f1_items: int = 16, overrides: dict | None = None
+) -> dict[str, float]:
+    """Held-out metrics of a finished generator directory (e.g. to compare a new run with the shipped one), with
+    `overrides` of its config (e.g. {"memory_layers": 0}: the memory off). The directory's generator_config.json says
+    what the generator is: the training run's `generator_overrides` are already in it, or were changed after training
+    (the shipped memory strength), so they are not applied again."""
     generator_dir = Path(generator_dir)
     saved = generator_dir / "train_config.json"
     values = json.loads(saved.read_text()) if saved.is_file() else {}
-    values.pop("generator_overrides", None)
     recorded_base = json.loads((generator_dir / "generator_config.json").read_text()).get("base_model")
     base = values.get("base") or recorded_base
-    config = TrainConfig(**{**values, "base": base, "init_generator": str(generator_dir)})
+    values = {**values, "base": base, "init_generator": str(generator_dir), "generator_overrides": overrides or {}}
+    config = TrainConfig(**values)
     ga = build_adapter(config, torch.device("cpu"))
     ga.generator.eval()
     return HeldOut(ga, config, fact_f1_items).evaluate(ga)
@@ -443,8 +499,4 @@ def finalize_checkpoint(run_dir: str | Path) -> dict[str, float]:
     config = TrainConfig(**values)
     ga = build_adapter(config, torch.device("cpu"))
     ga.generator.load_state_dict(state["generator"])
-    metrics = finalize(ga, config)
-    (run_dir / "generator" / "heldout_metrics.json").write_text(
-        json.dumps({**metrics, "step": state["step"]}, indent=2) + "\n"
-    )
-    return metrics
+    return finalize(ga, config, record={"step": state["step"]})
