@@ -392,6 +392,26 @@ def test_remember_exchange_and_its_refusals(alice, bob):
     assert len(ledger(alice, context_id)) == 1
 
 
+def test_remember_checks_the_quota_before_answering_and_never_loses_an_answer(server, keys, db, local):
+    limit = len(local.absorb(FACTS[0]).to_bytes()) + 200  # dave's max_bytes (the keys fixture)
+    with http(server.url, keys["dave"]) as dave:
+        contexts = dave.get("/v1/contexts").json()["contexts"]
+        context_id = contexts[0]["id"] if contexts else create(dave, FACTS[0])["id"]
+        items = ledger(dave, context_id)
+        store = SQLiteStore(db)
+        try:
+            room = limit - store.usage("dave").nbytes
+        finally:
+            store.close()
+        over = chat(dave, context_id, user("y" * (room + 1)), genadapter={"remember": True})
+        assert_error(over, 429, f"this request adds {room + 1}", "limit of")
+        # the user turns fit, so it answers; the answer after them does not, so nothing is remembered
+        reply = answer(dave, context_id, user("z" * (room - 1)), genadapter={"remember": "exchange"})
+        assert reply["choices"][0]["message"]["content"]
+        assert reply["genadapter"]["remembered"] is None and "limit of" in reply["genadapter"]["not_remembered"]
+        assert ledger(dave, context_id) == items
+
+
 # ---- schema 1 ---------------------------------------------------------------------------------
 
 SCHEMA_1 = """CREATE TABLE contexts (id TEXT PRIMARY KEY, version INTEGER NOT NULL, created REAL NOT NULL,

@@ -23,7 +23,7 @@ from .auth import LOOPBACK_NAMES, CallerDep, install
 from .batcher import Generation, Prompt, Sampling
 from .batcher import Message as ChatTurn
 from .config import ServeConfig
-from .errors import Invalid, ServeError, Unavailable
+from .errors import Invalid, QuotaExceeded, ServeError, Unavailable
 from .schemas import (
     BASE_MODEL,
     Absorbed,
@@ -141,11 +141,16 @@ def _remember_mode(body: ChatRequest, turns: tuple[ChatTurn, ...]) -> str | None
 async def _remember(
     service: Service, caller: Caller, context_id: str, mode: str | None, turns: tuple[ChatTurn, ...], answer: str
 ) -> ChatResult | None:
-    """After the answer: absorb the user turns (and with "exchange" the answer) as one ledger item."""
+    """After the answer: absorb the user turns (and with "exchange" the answer) as one ledger item. The quota was
+    checked before answering; should the answer itself (or a concurrent write) fill it, the answer is still returned,
+    with the reason it was not remembered."""
     if mode is None:
         return None
     text = remembered_text(turns, answer if mode == "exchange" else None)
-    _, item = await run_in_threadpool(service.absorb, context_id, caller, text, "remember")
+    try:
+        _, item = await run_in_threadpool(service.absorb, context_id, caller, text, "remember")
+    except QuotaExceeded as exc:
+        return ChatResult(not_remembered=exc.message)
     return ChatResult(remembered=item.id)
 
 
@@ -368,6 +373,8 @@ def create_app(
             _, state = await run_in_threadpool(service.load, body.model, caller)
         prompt = Prompt(messages=tuple(ChatTurn(m.role, m.text()) for m in body.messages))
         remember = _remember_mode(body, prompt.messages)
+        if remember:
+            await run_in_threadpool(service.check_absorb, body.model, caller, remembered_text(prompt.messages))
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),

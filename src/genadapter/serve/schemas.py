@@ -227,6 +227,9 @@ class ChatResult(BaseModel):
     """genadapter's own part of a chat completion (null when the request asked for none of it)."""
 
     remembered: str | None = Field(None, description="Id of the ledger item the conversation became (remember).")
+    not_remembered: str | None = Field(
+        None, description="Why a conversation asked to be remembered was not: the answer filled the quota."
+    )
 
 
 class ChatCompletion(BaseModel):

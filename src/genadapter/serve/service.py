@@ -152,11 +152,16 @@ class Service:
         self, context_id: str, caller: Caller, text: str, source: str = "absorb"
     ) -> tuple[ContextRecord, LedgerItem]:
         """state += absorb(text), and the text becomes a ledger item."""
-        self._check(self.meta(context_id, caller))  # fail fast, before the model work
-        self._precheck(caller, 0, text)
+        self.check_absorb(context_id, caller, text)
         delta = self.absorb_text(text)
         item = LedgerItem.new(context_id, source, text, delta.num_tokens)
         return self._write(context_id, caller, delta, add=item), item
+
+    def check_absorb(self, context_id: str, caller: Caller, text: str) -> None:
+        """Raise what absorbing `text` would be refused for (unknown or incompatible context, quota), before any
+        model work: a chat that remembers checks this before it answers, so a refusal never costs an answer."""
+        self._check(self.meta(context_id, caller))
+        self._precheck(caller, 0, text)
 
     def forget(self, context_id: str, caller: Caller, item_id: str | None, text: str | None) -> ContextRecord:
         """state -= absorb(text of one ledger item), named by its id or by its exact text (the newest such item).
