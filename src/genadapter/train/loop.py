@@ -305,11 +305,12 @@ def train(config: TrainConfig) -> Path:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    unreachable = [m for m in config.milestone_tokens if m > tokens_through(config, config.steps)]
+    run_tokens = tokens_through(config, config.steps)
+    unreachable = [m for m in config.milestone_tokens if m > run_tokens]
     if unreachable:
         raise TrainingError(
-            f"milestone_tokens {unreachable} lie beyond the run's {tokens_through(config, config.steps)} tokens "
-            f"({config.steps} steps); raise steps or drop them"
+            f"milestone_tokens {unreachable} lie beyond the run's {run_tokens} tokens ({config.steps} steps); "
+            "raise steps or drop them"
         )
     last_save, started = time.monotonic(), time.monotonic()
     seen = resumed_tokens = tokens_through(config, start)
