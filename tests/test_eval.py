@@ -238,6 +238,29 @@ def test_other_settings_in_the_same_out_are_refused(ga, tmp_path, qa_file):
         run_knowledge(config, ga=ga)
 
 
+def test_skip_gives_a_sample_of_fresh_contexts(ga, tmp_path, qa_file):
+    def contexts(result):
+        return {c["group"] for c in result["contexts"]}
+
+    def run(name, **kw):
+        config = KnowledgeConfig(
+            data=qa_file, out=tmp_path / name, dev=0, methods=["closed-book"], max_new_tokens=2, progress=False, **kw
+        )
+        return run_knowledge(config, ga=ga)
+
+    first, everything = run("first", limit=2), run("all", limit=0)
+    fresh = run("fresh", limit=0, skip=2)
+    assert contexts(first) and contexts(fresh) and not contexts(first) & contexts(fresh)
+    assert contexts(first) | contexts(fresh) == contexts(everything)  # only the skipped contexts are left out
+    assert fresh["config"]["skip"] == 2 and first["config"]["skip"] == 0
+    with pytest.raises(GenAdapterError, match="skip"):  # another sample cannot resume into the same directory
+        run("first", limit=2, skip=1)
+    with pytest.raises(GenAdapterError, match="leaves no test items"):
+        run("too-many", skip=5)
+    with pytest.raises(GenAdapterError, match="group-tokens"):
+        run("packed", skip=1, group_tokens=[60])
+
+
 # ---- icl ------------------------------------------------------------------------------------------
 
 
@@ -290,6 +313,8 @@ def test_icl_end_to_end(ga, metaicl_dir, tmp_path):
         methods=["genadapter"], progress=False, plots=False,
     )  # fmt: skip
     assert run_icl(single, ga=ga)["metrics"]["genadapter"]["n"] == 1
+    with pytest.raises(GenAdapterError, match="another --seed"):  # icl samples per task: --skip has no meaning
+        run_icl(ICLConfig(data=metaicl_dir, out=tmp_path / "icl2", skip=1, progress=False), ga=ga)
 
 
 # ---- persona --------------------------------------------------------------------------------------
@@ -342,6 +367,10 @@ def test_persona_end_to_end(ga, tmp_path):
     assert (tmp_path / "persona" / "cost_vs_length.png").is_file()
     again = run_persona(config, ga=ga)
     assert again["resume"]["skipped_contexts"] == {m: 2 for m in METHODS}
+    config.out, config.skip, config.methods = tmp_path / "persona-fresh", 2, ["closed-book"]
+    fresh = run_persona(config, ga=ga)  # 3 test dialogues: the one after the first run's two
+    assert {c["group"] for c in fresh["contexts"]}.isdisjoint({c["group"] for c in result["contexts"]})
+    assert fresh["metrics"]["closed-book"]["n"] == 1
 
 
 # ---- paired comparison of runs --------------------------------------------------------------------

@@ -38,6 +38,16 @@ LimitOpt = Annotated[
     int | None,
     typer.Option("--limit", metavar="N", min=0, help="Test-set size (scenario default if unset; 0 = everything)."),
 ]
+SkipOpt = Annotated[
+    int,
+    typer.Option(
+        "--skip",
+        metavar="N",
+        min=0,
+        help="Leave out the first N test items of the seeded order and every question on their contexts: a sample "
+        "disjoint from an earlier run's --limit N, to confirm a finding on data not yet looked at.",
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the test-item sampling (the dev split is fixed).")]
 JsonOpt = Annotated[
     Path | None,
@@ -127,6 +137,7 @@ def knowledge_command(
     data: DataOpt = None,
     methods: MethodsOpt = ALL,
     limit: LimitOpt = None,
+    skip: SkipOpt = 0,
     seed: SeedOpt = 0,
     json: JsonOpt = None,
     out: OutOpt = None,
@@ -157,8 +168,8 @@ def knowledge_command(
 
     config = KnowledgeConfig(
         **_common(
-            data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
-            generator_set=generator_set,
+            data=data, methods=methods, limit=limit, skip=skip, seed=seed, json=json, out=out, base=base,
+            generator=generator, generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,
@@ -224,6 +235,7 @@ def persona_command(
     data: DataOpt = None,
     methods: MethodsOpt = ALL,
     limit: LimitOpt = None,
+    skip: SkipOpt = 0,
     seed: SeedOpt = 0,
     json: JsonOpt = None,
     out: OutOpt = None,
@@ -249,8 +261,8 @@ def persona_command(
 
     config = PersonaConfig(
         **_common(
-            data=data, methods=methods, limit=limit, seed=seed, json=json, out=out, base=base, generator=generator,
-            generator_set=generator_set,
+            data=data, methods=methods, limit=limit, skip=skip, seed=seed, json=json, out=out, base=base,
+            generator=generator, generator_set=generator_set,
             dev=dev, template=template, all_templates=all_templates, batch_size=batch_size, window=window, sft=sft,
             device=device, dtype=dtype,
             share_prefix=prefix_cache, plots=plots, threads=threads,

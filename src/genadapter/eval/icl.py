@@ -227,6 +227,8 @@ def run_icl(config: ICLConfig, ga=None) -> dict:
     shots = sorted(set(config.shots))
     if not seeds or not shots or any(k < 0 for k in shots):
         raise GenAdapterError("--seeds and --shots need at least one value each; shots must be >= 0")
+    if config.skip:
+        raise GenAdapterError("--skip is for knowledge and persona; icl draws a fresh sample with another --seed")
     tasks = load_tasks(data, config.tasks, seeds)
     ga = ga or load_adapter(config)
     engine = Engine(ga, batch_size=config.batch_size, share_prefix=config.share_prefix)

@@ -9,7 +9,8 @@ hold several N.
 
 Split: items of `dev` distinct contexts (fixed seed, independent of --seed) pick each method's template
 and are never reported; the rest is the test set, shuffled with --seed, of which --limit items are used
-(per context length when grouping: whole packs in order, the last one cut at the limit).
+(per context length when grouping: whole packs in order, the last one cut at the limit). --skip N leaves out the
+first N and every other question on their contexts: a sample disjoint from an earlier run's --limit N.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from .runner import (
     run_methods,
     template_key,
     template_views,
+    test_slice,
 )
 
 DEFAULT_LIMIT = 100
@@ -238,9 +240,11 @@ def run_knowledge(config: KnowledgeConfig, ga=None, scenario_name: str = "knowle
     dev_groups = single_groups(dev_items, engine, prefix="dev:")
     random.Random(config.seed).shuffle(test_items)
     if sizes:
+        if config.skip:
+            raise GenAdapterError("--skip selects single contexts; it cannot be combined with --group-tokens")
         groups = [g for size in sizes for g in packed_groups(test_items, engine, size, config.seed, limit)]
     else:
-        groups = single_groups(test_items[:limit] if limit else test_items, engine)
+        groups = single_groups(test_slice(test_items, config.skip, limit, context_of=lambda i: i.context), engine)
 
     scenario = KnowledgeScenario(engine, config.max_new_tokens)
     out = Path(config.out or "out/eval/knowledge")

@@ -42,6 +42,7 @@ class CommonConfig:
     data: Path | None = None
     methods: list[str] = field(default_factory=lambda: ["closed-book", "prompting", "sft", "genadapter"])
     limit: int | None = None  # None: the scenario's default; 0: everything
+    skip: int = 0  # test items left out at the head of the seeded order: a fresh sample after a run of --limit skip
     seed: int = 0
     json: Path | None = None
     out: Path | None = None
@@ -455,6 +456,19 @@ class Runner:
         ]
 
 
+def test_slice(items: list, skip: int, limit: int, context_of: Callable | None = None) -> list:
+    """`limit` items (0: all) after the first `skip` of a seeded order, so that `--skip 80 --limit 80` is a sample
+    disjoint from `--limit 80`'s under the same seed. With `context_of`, items sharing a context with a skipped one
+    are left out too: a fresh sample has fresh contexts, not new questions on texts already read."""
+    if skip < 0:
+        raise GenAdapterError(f"--skip must be >= 0, got {skip}")
+    if skip and skip >= len(items):
+        raise GenAdapterError(f"--skip {skip} leaves no test items (the test split has {len(items)})")
+    seen = {context_of(item) for item in items[:skip]} if context_of else set()
+    rest = [item for item in items[skip:] if not context_of or context_of(item) not in seen]
+    return rest[:limit] if limit else rest
+
+
 def fingerprint_of(scenario: str, ga: GenerativeAdapter, config: CommonConfig, data: Path, **extra) -> dict:
     """The settings that must match for results in one output directory to belong together."""
     values = {
@@ -471,6 +485,8 @@ def fingerprint_of(scenario: str, ga: GenerativeAdapter, config: CommonConfig, d
         "dtype": config.dtype,
         "protocol": PROTOCOL,
     }
+    if config.skip:  # only when set, so directories written before --skip existed still resume
+        values["skip"] = config.skip
     values.update(extra)
     return values
 
@@ -481,6 +497,7 @@ def config_dict(config: CommonConfig, data: Path, ga, window: int, limit: int, d
         "data": str(data),
         "methods": list(config.methods),
         "limit": limit,
+        "skip": config.skip,
         "dev": dev,
         "seed": config.seed,
         "template": config.template,

@@ -1,4 +1,6 @@
-"""The write-comparison table from the arms' files here: python docs/experiments/results/write-comparison/table.py ARM..."""
+"""The write-comparison table from the arms' files here.
+
+Usage: python docs/experiments/results/write-comparison/table.py ARM..."""
 
 import json
 import sys
@@ -35,7 +37,10 @@ def row(arm: str) -> str:
         pair("facts_nll"),
         pair("facts_open_nll"),
         pair("counterfactual_nll"),
-        *(f"{m[k + '_f1_adapter']:.1f} ({m[k + '_f1_other_context']:.1f})" for k in ("facts", "facts_open", "counterfactual")),
+        *(
+            f"{m[k + '_f1_adapter']:.1f} ({m[k + '_f1_other_context']:.1f})"
+            for k in ("facts", "facts_open", "counterfactual")
+        ),
         f"{m['cloze_f1_adapter']:.1f}",
         f"{state_bytes(cfg) / 2**20:.1f} MiB",
     ]
