@@ -187,11 +187,16 @@ def batch_kind(config: TrainConfig, step: int) -> str:
     return "instruct"
 
 
+def pretrain_sequence_tokens(config: TrainConfig) -> int:
+    """Length of one pretraining sequence: `num_chunks` chunks of the generator's chunk size."""
+    return config.num_chunks * config.generator.chunk_size
+
+
 def step_tokens(config: TrainConfig, step: int) -> int:
     """Nominal training tokens of step `step`: a pretraining batch's whole sequences, an instruction batch's contexts
     at their cap. A function of the step alone, so the count (a scaling curve's x-axis) survives a resume."""
     if batch_kind(config, step) == "pretrain":
-        return config.batch_size * config.num_chunks * config.generator.chunk_size
+        return config.batch_size * pretrain_sequence_tokens(config)
     return config.batch_size * config.max_context_tokens
 
 
@@ -203,8 +208,7 @@ def tokens_through(config: TrainConfig, steps: int) -> int:
 def _batch(config: TrainConfig, step: int, rank: int, stream, examples):
     rng = np.random.default_rng([config.seed, step, rank])
     if batch_kind(config, step) == "pretrain":
-        seq_len = config.num_chunks * config.generator.chunk_size
-        return "pretrain", stream.sample(rng, seq_len, config.batch_size), rng
+        return "pretrain", stream.sample(rng, pretrain_sequence_tokens(config), config.batch_size), rng
     picks = rng.integers(0, len(examples), size=config.batch_size)
     return "instruct", [examples[i] for i in picks], rng
 
