@@ -71,6 +71,7 @@ def test_curve_reads_evaluations_in_milestones_and_extrapolates_a_log_linear_tre
     result = write_curve(run, ["tweetqa/genadapter/f1", "facts_open_f1_adapter"], target=13.4)
     assert result["fits"]["tweetqa/genadapter/f1"]["slope"] == pytest.approx(2.0)
     assert math.log10(result["target"]["tokens"]) == pytest.approx(6.2)
+    assert [math.log10(t) for t in result["target"]["leave_one_out"]] == pytest.approx([6.2, 6.2])  # exact line
     assert (run / "curve.png").is_file() and "10,000" in (run / "curve.md").read_text()
 
 
@@ -89,8 +90,26 @@ def test_cli_curve_prints_the_table_and_the_extrapolation(tmp_path):
 
     from genadapter.cli import app
 
-    run = fake_run(tmp_path, {10**k: 1 + 2 * k for k in (2, 3)})
-    args = ["train", "curve", str(run), "--metric", "facts_open_f1_adapter", "--target", "9"]
+    two = fake_run(tmp_path / "two", {10**k: 1 + 2 * k for k in (2, 3)})
+    args = ["train", "curve", str(two), "--metric", "facts_open_f1_adapter", "--target", "9"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "reaches it at 10,000 tokens" in result.stdout
+    assert "a trend needs at least 3" in result.stdout and "reaches it" not in result.stdout
+
+    # 1 + 2 · log10(tokens) with the third point high: the fit reaches 9 sooner; without that point, at 10^4
+    run = fake_run(tmp_path / "four", {100: 5.0, 1000: 7.0, 10**4: 12.0, 10**5: 11.0})
+    args[2] = str(run)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    target = json.loads((run / "curve.json").read_text())["target"]
+    low, high = target["leave_one_out"]
+    assert low < target["tokens"] < high and high == pytest.approx(10**4)
+    assert f"leaving one milestone out: {low:,.0f} to {high:,.0f}" in result.stdout
+
+
+def test_curve_leave_one_out_says_never_when_a_point_carries_the_rise(tmp_path):
+    run = fake_run(tmp_path, {100: 5.0, 1000: 5.0, 10**4: 8.0})  # without the last point, flat
+    target = write_curve(run, ["facts_open_f1_adapter"], target=9.0)["target"]
+    assert target["tokens"] > 10**4 and target["leave_one_out"][1] is None
+    assert "to never" in (run / "curve.md").read_text()
+    assert "Infinity" not in (run / "curve.json").read_text()  # strict JSON: never is null

@@ -96,7 +96,10 @@ def train_curve(
     ],
     target: Annotated[
         float | None,
-        typer.Option(help="A value of the first metric to reach (e.g. prompting's F1): when, by the trend?"),
+        typer.Option(
+            help="A value of the first metric to reach (e.g. prompting's F1): when, by the trend? Stated from 3 "
+            "milestones on, with its range when any one is left out."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(metavar="DIR", help="Where curve.json/md/png go (default RUN_DIR).")

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..errors import GenAdapterError
 
+MIN_TREND_POINTS = 3  # a line through two milestones fits them exactly: no evidence of a trend
+
 
 @dataclass
 class LogFit:
@@ -56,13 +58,35 @@ def milestone_rows(run_dir: str | Path) -> list[dict[str, float]]:
     return rows
 
 
-def fit_log_tokens(rows: list[dict[str, float]], metric: str) -> LogFit | None:
-    """The log-linear trend of `metric` over the milestones that have it (None with fewer than two)."""
-    points = [(row["tokens"], row[metric]) for row in rows if row.get(metric) is not None]
+def _points(rows: list[dict[str, float]], metric: str) -> list[tuple[float, float]]:
+    return [(row["tokens"], row[metric]) for row in rows if row.get(metric) is not None]
+
+
+def _fit(points: list[tuple[float, float]]) -> LogFit | None:
     if len({tokens for tokens, _ in points}) < 2:
         return None
     slope, intercept = np.polyfit(np.log10([t for t, _ in points]), [v for _, v in points], 1)
     return LogFit(float(intercept), float(slope), len(points))
+
+
+def fit_log_tokens(rows: list[dict[str, float]], metric: str) -> LogFit | None:
+    """The log-linear trend of `metric` over the milestones that have it (None with fewer than two)."""
+    return _fit(_points(rows, metric))
+
+
+def reach_range(rows: list[dict[str, float]], metric: str, target: float) -> tuple[float, float] | None:
+    """Fewest and most tokens at which the trend reaches `target` when any one milestone is left out (inf: a
+    left-out fit never reaches it): how much the extrapolation rests on single points. None with fewer than
+    MIN_TREND_POINTS milestones, where leaving one out leaves no trend to speak of."""
+    points = _points(rows, metric)
+    if len(points) < MIN_TREND_POINTS:
+        return None
+    reached = []
+    for left_out in range(len(points)):
+        fit = _fit(points[:left_out] + points[left_out + 1 :])
+        tokens = fit.tokens_to_reach(target) if fit else None
+        reached.append(math.inf if tokens is None else tokens)
+    return min(reached), max(reached)
 
 
 def write_curve(
@@ -85,15 +109,23 @@ def write_curve(
     }
     if target is not None:
         fit = fits[metrics[0]]
+        enough = fit is not None and fit.points >= MIN_TREND_POINTS
         result["target"] = {
             "metric": metrics[0],
             "value": target,
-            "tokens": fit.tokens_to_reach(target) if fit else None,
+            "tokens": _finite(fit.tokens_to_reach(target)) if enough else None,
+            "leave_one_out": [_finite(t) for t in reach_range(rows, metrics[0], target) or []] or None,
+            "points": fit.points if fit else 0,
         }
     (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "curve.md").write_text(_markdown(result, metrics))
     _plot(out / "curve.png", result, metrics)
     return result
+
+
+def _finite(tokens: float | None) -> float | None:
+    """JSON has no infinity: a trend that never reaches the target is null."""
+    return None if tokens is None or math.isinf(tokens) else tokens
 
 
 def _markdown(result: dict, metrics: list[str]) -> str:
@@ -109,8 +141,15 @@ def _markdown(result: dict, metrics: list[str]) -> str:
             )
     target = result.get("target")
     if target:
-        reach = target["tokens"]
-        said = "the trend never reaches it" if reach is None else f"the trend reaches it at {reach:,.0f} tokens"
+        reach, spread = target["tokens"], target["leave_one_out"]
+        if target["points"] < MIN_TREND_POINTS:
+            said = f"{target['points']} milestone(s) have it; a trend needs at least {MIN_TREND_POINTS}"
+        elif reach is None:
+            said = "the trend never reaches it"
+        else:
+            said = f"the trend reaches it at {reach:,.0f} tokens"
+        if spread:
+            said += "; leaving one milestone out: " + " to ".join("never" if t is None else f"{t:,.0f}" for t in spread)
         lines.append(f"- {target['metric']} = {target['value']}: {said}")
     return "\n".join(lines) + "\n"
 
