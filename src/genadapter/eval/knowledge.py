@@ -50,9 +50,9 @@ from .runner import (
     mean,
     prompt_facts,
     run_methods,
+    select_test_items,
     template_key,
     template_views,
-    test_slice,
 )
 
 DEFAULT_LIMIT = 100
@@ -244,7 +244,8 @@ def run_knowledge(config: KnowledgeConfig, ga=None, scenario_name: str = "knowle
             raise GenAdapterError("--skip selects single contexts; it cannot be combined with --group-tokens")
         groups = [g for size in sizes for g in packed_groups(test_items, engine, size, config.seed, limit)]
     else:
-        groups = single_groups(test_slice(test_items, config.skip, limit, context_of=lambda i: i.context), engine)
+        chosen = select_test_items(test_items, config.skip, limit, context_of=lambda item: item.context)
+        groups = single_groups(chosen, engine)
 
     scenario = KnowledgeScenario(engine, config.max_new_tokens)
     out = Path(config.out or "out/eval/knowledge")

@@ -48,8 +48,8 @@ from .runner import (
     mean,
     prompt_facts,
     run_methods,
+    select_test_items,
     template_views,
-    test_slice,
 )
 
 DEFAULT_LIMIT = 40  # test dialogues
@@ -216,7 +216,7 @@ def run_persona(config: PersonaConfig, ga=None) -> dict:
     random.Random(DEV_SEED).shuffle(order)
     dev_dialogues, rest = order[:dev], order[dev:]
     random.Random(config.seed).shuffle(rest)
-    test = test_slice(rest, config.skip, limit)
+    test = select_test_items(rest, config.skip, limit)
     dev_groups = build_groups(dev_dialogues, dialogues, engine, config.distractors, config.seed, prefix="dev:")
     groups = build_groups(test, dialogues, engine, config.distractors, config.seed)
 

@@ -456,7 +456,7 @@ class Runner:
         ]
 
 
-def test_slice(items: list, skip: int, limit: int, context_of: Callable | None = None) -> list:
+def select_test_items(items: list, skip: int, limit: int, context_of: Callable | None = None) -> list:
     """`limit` items (0: all) after the first `skip` of a seeded order, so that `--skip 80 --limit 80` is a sample
     disjoint from `--limit 80`'s under the same seed. With `context_of`, items sharing a context with a skipped one
     are left out too: a fresh sample has fresh contexts, not new questions on texts already read."""
