@@ -25,6 +25,7 @@ from genadapter.eval.methods import (
     parse_methods,
 )
 from genadapter.eval.persona import build_groups, parse_personachat
+from genadapter.eval.runner import select_test_items
 from genadapter.eval.storage import StorageConfig, build_items, run_storage
 from genadapter.eval.templates import KNOWLEDGE
 
@@ -257,6 +258,8 @@ def test_skip_gives_a_sample_of_fresh_contexts(ga, tmp_path, qa_file):
         run("first", limit=2, skip=1)
     with pytest.raises(GenAdapterError, match="leaves no test items"):
         run("too-many", skip=5)
+    with pytest.raises(GenAdapterError, match="leaves no test items"):  # the rest all share skipped contexts
+        select_test_items(["a1", "b1", "a2"], 2, 0, context_of=lambda item: item[0])
     with pytest.raises(GenAdapterError, match="group-tokens"):
         run("packed", skip=1, group_tokens=[60])
 

@@ -462,10 +462,10 @@ def select_test_items(items: list, skip: int, limit: int, context_of: Callable |
     are left out too: a fresh sample has fresh contexts, not new questions on texts already read."""
     if skip < 0:
         raise GenAdapterError(f"--skip must be >= 0, got {skip}")
-    if skip and skip >= len(items):
-        raise GenAdapterError(f"--skip {skip} leaves no test items (the test split has {len(items)})")
     seen = {context_of(item) for item in items[:skip]} if context_of else set()
     rest = [item for item in items[skip:] if not context_of or context_of(item) not in seen]
+    if skip and not rest:  # past the end, or every item left shares a context with a skipped one
+        raise GenAdapterError(f"--skip {skip} leaves no test items (the test split has {len(items)})")
     return rest[:limit] if limit else rest
 
 
