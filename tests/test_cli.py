@@ -188,6 +188,8 @@ def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_pa
         3,
         "--memory-scale",
         5,
+        "--generator-set",
+        "memory_keys=4",
         "--base",
         base,
     )
@@ -198,6 +200,7 @@ def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_pa
     calibrated = GenerativeAdapter.from_pretrained(base=str(base), generator=out)
     assert calibrated.config.memory_background == 3.0 and calibrated.generator.memory.calibrated
     assert calibrated.config.memory_scale == 5.0  # MEMORY trained at 2.0: the strength it ships at is set here
+    assert calibrated.config.memory_keys == 4 and record["overrides"] == {"memory_keys": 4, "memory_scale": 5.0}
     assert calibrated.fingerprint in result.output
     state_file = tmp_path / "s.gas"
     assert run("adapt", texts[0], "-o", state_file, "--base", base, "--generator", out).exit_code == 0

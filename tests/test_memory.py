@@ -139,6 +139,26 @@ def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_
         uncalibrated.adapter_factors(uncalibrated.absorb(TEXT_A))
 
 
+def test_another_memory_width_drops_the_saved_background_and_measures_its_own(tiny_dirs, tmp_path):
+    """Σ belongs to one key projection: a calibrated generator loaded with another memory_keys loads (no shape
+    error) without it, says it needs calibrating when used, and can be calibrated at the new width."""
+    base, gen = tiny_dirs
+    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
+    ga.calibrate_memory(TEXT_A)
+    ga.generator.save(tmp_path / "calibrated")
+    wider = {"memory_keys": BACKGROUND["memory_keys"] * 2}
+    loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated", overrides=wider)
+    assert not loaded.generator.memory.calibrated
+    with pytest.raises(GenAdapterError, match="calibrate_memory"):
+        loaded.adapter_factors(loaded.absorb(TEXT_B))
+    loaded.calibrate_memory(TEXT_A)
+    fresh = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND | wider)
+    fresh.calibrate_memory(TEXT_A)
+    state = fresh.absorb(TEXT_B)
+    for key, value in fresh.adapter_factors(state).items():
+        torch.testing.assert_close(loaded.adapter_factors(state)[key], value)
+
+
 def test_memory_off_keeps_release_fingerprints_and_state_format():
     config = tiny_config()
     assert not any(key.startswith("memory") for key in config.identity())

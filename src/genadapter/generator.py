@@ -512,7 +512,8 @@ class AdapterGenerator(nn.Module):
             return load_fastlora(directory, model, overrides)
         if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise ModelLoadError(f"{directory} is not a generator directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
-        generator = cls.for_model(model, GeneratorConfig.load(directory / CONFIG_FILE).with_overrides(overrides))
+        saved = GeneratorConfig.load(directory / CONFIG_FILE)
+        generator = cls.for_model(model, saved.with_overrides(overrides))
         try:
             tensors = load_file(str(directory / WEIGHTS_FILE))
         except Exception as exc:  # safetensors raises several types on corrupt files
@@ -522,6 +523,9 @@ class AdapterGenerator(nn.Module):
         # learned memory keys are unused when an override switches the memory off
         unused = "memory." if generator.memory is None else f"memory.{BACKGROUND_PREFIX}"
         optional = {k for k in {*own, *tensors} if k.startswith(unused)}
+        if generator.config.memory_keys != saved.memory_keys:
+            # Σ was measured for the saved width's key projection: another width must measure its own
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(f"memory.{BACKGROUND_PREFIX}")}
         if set(tensors) - optional != set(own) - optional or any(
             tensors[k].shape != own[k].shape for k in own if k in tensors
         ):

@@ -128,15 +128,20 @@ def train_calibrate(
     memory_scale: Annotated[
         float | None, typer.Option(help="memory_scale (eta) of the written generator (default: GENERATOR_DIR's).")
     ] = None,
+    generator_set: GeneratorSetOpt = None,
     half: Annotated[bool, typer.Option(help="Save the weights in float16 (as the shipped generator).")] = False,
     base: BaseOption = EMBEDDED_MODEL,
 ) -> None:
-    """Write GENERATOR_DIR's generator with the memory's background term on: Σ measured on ordinary text, beta set."""
+    """Write GENERATOR_DIR's generator with the memory's background term on: Σ measured on ordinary text, beta set.
+    With --generator-set memory_keys=K, a memory of another width, with its own Σ."""
     from ..train.calibrate import calibrate_generator
 
     texts = {str(path): read_context(str(path)) for path in text} if text else None
+    overrides = parse_pairs(generator_set, "--generator-set")
+    if memory_scale is not None:
+        overrides["memory_scale"] = memory_scale
     measured, fingerprint = calibrate_generator(
-        generator, out, background, tokens, texts, heldout_docs, half, base, memory_scale
+        generator, out, background, tokens, texts, heldout_docs, half, base, overrides
     )
     typer.echo(f"measured Σ on {measured} tokens; wrote {out} (generator {fingerprint})")
 

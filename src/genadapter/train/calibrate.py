@@ -26,22 +26,26 @@ def calibrate_generator(
     heldout_docs: int = HELDOUT_WIKI_LEADS,
     half: bool = False,
     base: str | None = None,
-    memory_scale: float | None = None,
+    overrides: dict | None = None,
 ) -> tuple[int, str]:
     """Write `generator` with memory_background = `background` and Σ measured on `tokens` tokens of `texts` ({source
-        name: text}; default: the pretraining text's training split) to `out`, with η = `memory_scale` when given (the
-    strength a generator ships at may differ from the one it was trained at). Returns (tokens read, new fingerprint).
-        A calibration.json beside the weights records what Σ was measured on."""
+    name: text}; default: the pretraining text's training split) to `out`, with `overrides` (OVERRIDABLE config
+    fields) applied first: the strength η a generator ships at may differ from the one it was trained at, and a new
+    memory_keys needs its own Σ. Returns (tokens read, new fingerprint). A calibration.json beside the weights
+    records what Σ was measured on."""
     if not (generator / CONFIG_FILE).is_file():
         raise GenAdapterError(f"{generator} is not a generator directory (no {CONFIG_FILE})")
     if texts:
         documents, source = list(texts.values()), list(texts)
     else:
         documents, source = pretrain_documents(heldout_docs), f"pretrain_documents(heldout={heldout_docs})"
-    overrides = {"memory_background": background} | ({"memory_scale": memory_scale} if memory_scale is not None else {})
-    ga = GenerativeAdapter.from_pretrained(base=base, generator=generator, overrides=overrides)
+    given = dict(overrides or {})
+    ga = GenerativeAdapter.from_pretrained(
+        base=base, generator=generator, overrides=given | {"memory_background": background}
+    )
     measured = ga.calibrate_memory(documents, max_tokens=tokens, progress=True)
     record = {"source": str(generator), "text": source, "tokens": measured, "memory_background": background}
+    record |= {"overrides": given} if given else {}
 
     def write(directory: Path) -> None:
         ga.generator.save(directory, dtype=torch.float16 if half else torch.float32)
