@@ -139,20 +139,26 @@ def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_
         uncalibrated.adapter_factors(uncalibrated.absorb(TEXT_A))
 
 
-def test_another_memory_width_drops_the_saved_background_and_measures_its_own(tiny_dirs, tmp_path):
-    """Σ belongs to one key projection: a calibrated generator loaded with another memory_keys loads (no shape
-    error) without it, says it needs calibrating when used, and can be calibrated at the new width."""
+@pytest.mark.parametrize(
+    "change",
+    [{"memory_keys": BACKGROUND["memory_keys"] * 2}, {"memory_layers": 1}, {"memory_module": "o_proj"}],
+    ids=["width", "layers", "module"],
+)
+def test_other_key_projections_drop_the_saved_background_and_measure_their_own(tiny_dirs, tmp_path, change):
+    """Σ belongs to the key projections it was measured for: a calibrated generator loaded with another width, fewer
+    layers or another module (other projections, even where every Σ of the right shape is on disk) loads without it,
+    says it needs calibrating when used, and calibrated again equals one calibrated from the start."""
     base, gen = tiny_dirs
-    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
+    saved = BACKGROUND | {"memory_layers": 2}
+    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=saved)
     ga.calibrate_memory(TEXT_A)
     ga.generator.save(tmp_path / "calibrated")
-    wider = {"memory_keys": BACKGROUND["memory_keys"] * 2}
-    loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated", overrides=wider)
+    loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated", overrides=change)
     assert not loaded.generator.memory.calibrated
     with pytest.raises(GenAdapterError, match="calibrate_memory"):
         loaded.adapter_factors(loaded.absorb(TEXT_B))
     loaded.calibrate_memory(TEXT_A)
-    fresh = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND | wider)
+    fresh = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=saved | change)
     fresh.calibrate_memory(TEXT_A)
     state = fresh.absorb(TEXT_B)
     for key, value in fresh.adapter_factors(state).items():

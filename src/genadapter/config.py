@@ -24,8 +24,8 @@ MEMORY_FIELDS = (
 # fields no parameter's shape depends on: a trained generator can be loaded (and trained on) with them changed
 ENCODING_FIELDS = ("chunk_mode", "chunk_split", "context_bos")
 OVERRIDABLE = ("rank", "value_shift", "ridge", *ENCODING_FIELDS, *MEMORY_FIELDS)
-# fields the learned memory key projections' shapes and names depend on (memory_learned_keys)
-_KEY_SHAPE_FIELDS = ("memory_layers", "memory_module", "memory_keys")
+# fields the memory's key projections (their shapes, names and random draws) depend on, and so Σ measured for them
+KEY_PROJECTION_FIELDS = ("memory_layers", "memory_module", "memory_keys")
 # fields added after the first generators shipped: left out of fingerprints while they hold their default, so older
 # generators keep their fingerprints and the states made with them stay valid
 _LATER_FIELDS = ("value_shift", "ridge", "memory_learned_keys", *ENCODING_FIELDS, *MEMORY_FIELDS)
@@ -202,7 +202,7 @@ class GeneratorConfig:
     def with_overrides(self, overrides: dict | None) -> GeneratorConfig:
         """This config with some OVERRIDABLE fields changed (validated like any config)."""
         check_overrides(overrides or {})
-        reshaping = {k: v for k, v in (overrides or {}).items() if k in _KEY_SHAPE_FIELDS and v != getattr(self, k)}
+        reshaping = {k: v for k, v in (overrides or {}).items() if k in KEY_PROJECTION_FIELDS and v != getattr(self, k)}
         if self.memory_learned_keys and reshaping and reshaping != {"memory_layers": 0}:
             raise GenAdapterError(
                 f"this generator learned its memory key projections: {sorted(reshaping)} cannot change "

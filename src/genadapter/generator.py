@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import GeneratorConfig
+from .config import KEY_PROJECTION_FIELDS, GeneratorConfig
 from .errors import GenAdapterError, ModelLoadError
 from .memory import BACKGROUND_PREFIX, NextTokenMemory, memory_modules
 from .ridge import solve_relative_ridge
@@ -523,8 +523,8 @@ class AdapterGenerator(nn.Module):
         # learned memory keys are unused when an override switches the memory off
         unused = "memory." if generator.memory is None else f"memory.{BACKGROUND_PREFIX}"
         optional = {k for k in {*own, *tensors} if k.startswith(unused)}
-        if generator.config.memory_keys != saved.memory_keys:
-            # Σ was measured for the saved width's key projection: another width must measure its own
+        if any(getattr(generator.config, k) != getattr(saved, k) for k in KEY_PROJECTION_FIELDS):
+            # Σ was measured for the saved key projections: other modules or widths draw others, which need their own
             tensors = {k: v for k, v in tensors.items() if not k.startswith(f"memory.{BACKGROUND_PREFIX}")}
         if set(tensors) - optional != set(own) - optional or any(
             tensors[k].shape != own[k].shape for k in own if k in tensors
