@@ -212,6 +212,18 @@ def test_train_calibrate_writes_a_generator_with_the_memory_background_on(tmp_pa
     assert_error(run("train", "calibrate", tmp_path, tmp_path / "x", "--base", base), "not a generator directory")
 
 
+def test_train_calibrate_refuses_an_unwritable_out_before_measuring(tmp_path, tiny_dirs, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the output directory must be checked before the model is loaded")
+
+    monkeypatch.setattr(GenerativeAdapter, "from_pretrained", refuse)
+    missing_parent = tmp_path / "absent" / "out"
+    assert_error(run("train", "calibrate", tiny_dirs[1], missing_parent, "--base", tiny_dirs[0]), "does not exist")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    assert_error(run("train", "calibrate", tiny_dirs[1], tmp_path / "notes", "--base", tiny_dirs[0]), "not replacing")
+
+
 # ---- errors: one line on stderr, exit code 1 ----------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 from ..adapter import GenerativeAdapter
 from ..data import HELDOUT_WIKI_LEADS
 from ..errors import GenAdapterError
-from ..fileio import write_dir_atomic
+from ..fileio import check_replaceable_dir, write_dir_atomic
 from ..generator import CONFIG_FILE
 from .data import pretrain_documents
 
@@ -35,6 +35,7 @@ def calibrate_generator(
     records what Σ was measured on."""
     if not (generator / CONFIG_FILE).is_file():
         raise GenAdapterError(f"{generator} is not a generator directory (no {CONFIG_FILE})")
+    check_replaceable_dir(out, CONFIG_FILE)  # before minutes of measuring, not after
     if texts:
         documents, source = list(texts.values()), list(texts)
     else:
