@@ -17,9 +17,10 @@ from genadapter import GenerativeAdapter
         {"normalization": "svd", **MEMORY},
         {"normalization": "svd", **MEMORY, "memory_keys": 0},  # full-width keys: factors from an SVD
         {"normalization": "svd", **MEMORY, "memory_learned_keys": True},
+        {"normalization": "svd", **MEMORY, "memory_values": 16},  # targets stored at 16 of the module's 32 dims
         RIDGE,
     ],
-    ids=["svd", "frobenius", "with-memory", "with-full-memory", "with-learned-memory", "ridge"],
+    ids=["svd", "frobenius", "with-memory", "with-full-memory", "with-learned-memory", "with-fewer-values", "ridge"],
 )
 def test_peft_export_gives_identical_logits(tmp_path, overrides):
     ga = make_adapter(rank=6, **overrides)

@@ -32,12 +32,14 @@ def test_memory_alone_makes_the_absorbed_text_likelier_than_another_texts_memory
     assert text_nll(ga, TEXT_A, own) < text_nll(ga, TEXT_A, other) - 0.1
 
 
-@pytest.mark.parametrize("targets_kind", ["next", "error"])
+@pytest.mark.parametrize(
+    ("targets_kind", "values"), [("next", 0), ("error", 0), ("error", 16)], ids=["next", "error", "error-16-values"]
+)
 @torch.no_grad()
-def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targets_kind):
+def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targets_kind, values):
     """Recompute C, G and W = η C (G + μI)⁻¹ from the module's inputs and the LM's own next-token distributions,
-    captured independently of the library."""
-    ga = make_adapter(**MEMORY, memory_targets=targets_kind)
+    captured independently of the library; with memory_values, C holds the projected targets R e, W = η Rᵀ C (…)⁻¹."""
+    ga = make_adapter(**MEMORY, memory_targets=targets_kind, memory_values=values)
     name = ga.generator.memory.module_names[0]
     chunks, keys, probs = read_with_hook(ga, name, TEXT_B)
     embeddings = ga.model.get_output_embeddings().weight
@@ -45,9 +47,14 @@ def test_memory_map_is_the_ridge_solution_of_keys_to_next_token_embeddings(targe
     targets = torch.cat([embeddings[torch.tensor(chunk[1:])] for chunk in chunks])
     if targets_kind == "error":  # minus the embedding the LM expected: the delta rule
         targets = targets - torch.cat(probs) @ embeddings
+    expand = torch.eye(targets.shape[1])
+    if values:
+        projection = ga.generator.memory.value_projection(name)
+        assert projection.shape == (values, targets.shape[1])
+        targets, expand = targets @ projection.T, projection.T
     C, G = targets.T @ keys, keys.T @ keys
     ridge = MEMORY.get("memory_ridge", 0.1) * G.trace() / sum(map(len, chunks))
-    expected = MEMORY["memory_scale"] * C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
+    expected = MEMORY["memory_scale"] * expand @ C @ torch.linalg.inv(G + ridge * torch.eye(len(G)))
 
     state = ga.absorb(TEXT_B, batch_size=1)
     torch.testing.assert_close(state.sums[memory_key(name, "values")], C, rtol=1e-4, atol=1e-4)
@@ -165,6 +172,30 @@ def test_other_key_projections_drop_the_saved_background_and_measure_their_own(t
         torch.testing.assert_close(loaded.adapter_factors(state)[key], value)
 
 
+def test_fewer_stored_values_keep_the_saved_background_and_shrink_the_state(tiny_dirs, tmp_path):
+    """memory_values changes what a state stores, not the keys: Σ measured for the keys still applies; C shrinks to
+    m × k; R is scaled so that E[Rᵀ R] = I (pushes keep their full-width size on average); and states made without
+    it are refused."""
+    base, gen = tiny_dirs
+    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
+    ga.calibrate_memory(TEXT_A)
+    ga.generator.save(tmp_path / "calibrated")
+    narrow = GenerativeAdapter.from_pretrained(
+        base=str(base), generator=tmp_path / "calibrated", overrides={"memory_values": 16}
+    )
+    assert narrow.generator.memory.calibrated
+    name = narrow.generator.memory.module_names[0]
+    torch.testing.assert_close(narrow.generator.memory.background(name), ga.generator.memory.background(name))
+    full_state, state = ga.absorb(TEXT_B), narrow.absorb(TEXT_B)
+    assert full_state.sums[memory_key(name, "values")].shape == (32, 8)
+    assert state.sums[memory_key(name, "values")].shape == (16, 8)
+    assert narrow.fingerprint != ga.fingerprint
+    with pytest.raises(GenAdapterError, match="state was made by generator"):
+        narrow.check_state(full_state)
+    projection = narrow.generator.memory.value_projection(name)  # (16, 32), entries N(0, 1/16)
+    assert abs((projection.T @ projection).diagonal().mean().item() - 1.0) < 0.2
+
+
 def test_memory_off_keeps_release_fingerprints_and_state_format():
     config = tiny_config()
     assert not any(key.startswith("memory") for key in config.identity())
@@ -179,6 +210,7 @@ def test_memory_off_keeps_release_fingerprints_and_state_format():
     [
         ({"memory_layers": 1, "memory_module": "q_proj"}, "must be one of target_modules"),
         ({"memory_layers": -1}, "must be 0 or positive"),
+        ({"memory_values": -1}, "must be 0 or positive"),
         ({"memory_ridge": 0.0}, "memory_ridge must be positive"),
         ({"memory_targets": "surprise"}, "memory_targets must be one of"),
     ],
@@ -191,6 +223,11 @@ def test_bad_memory_config_is_a_clear_error(overrides, message):
 def test_more_memory_layers_than_the_model_has_is_a_clear_error():
     with pytest.raises(GenAdapterError, match="exceeds the model's 2 layers"):
         make_adapter(memory_layers=3)
+
+
+def test_stored_values_as_wide_as_the_module_are_a_clear_error():
+    with pytest.raises(GenAdapterError, match="must be below the memory modules' output width 32"):
+        make_adapter(**MEMORY, memory_values=32)
 
 
 @pytest.mark.parametrize("targets_kind", ["next", "error"])

@@ -16,6 +16,7 @@ MEMORY_FIELDS = (
     "memory_layers",
     "memory_module",
     "memory_keys",
+    "memory_values",
     "memory_scale",
     "memory_ridge",
     "memory_targets",
@@ -111,6 +112,14 @@ class GeneratorConfig:
         default=256,
         metadata={"help": "Width k of the memory keys P x (P random, or learned); 0 keys on the full module input."},
     )
+    memory_values: int = field(
+        default=0,
+        metadata={
+            "help": "Width m of the stored next-token targets: each memory module keeps R e (R random, m x d_out, "
+            "E[R^T R] = I) instead of e, and expands the solved map by R^T, so C shrinks from d_out x k to m x k at "
+            "the cost of cross-talk between tokens; 0 stores the full targets. Σ is unaffected (it lives on the keys)."
+        },
+    )
     memory_learned_keys: bool = field(
         default=False,
         metadata={
@@ -159,8 +168,8 @@ class GeneratorConfig:
             )
         if self.value_shift < 0:
             raise GenAdapterError(f"value_shift must be 0 or positive, got {self.value_shift}")
-        if self.memory_layers < 0 or self.memory_keys < 0:
-            raise GenAdapterError("memory_layers and memory_keys must be 0 or positive")
+        if min(self.memory_layers, self.memory_keys, self.memory_values) < 0:
+            raise GenAdapterError("memory_layers, memory_keys and memory_values must be 0 or positive")
         if self.memory_learned_keys and not self.memory_keys:
             raise GenAdapterError("memory_learned_keys trains the key projection P: it needs memory_keys > 0")
         if self.memory_learned_keys and self.memory_background:

@@ -6,6 +6,8 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
           with memory_targets = "error", minus Σ_v p_t(v) E[v], the embedding the frozen LM expected there
     state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
     ΔW = η · C (G + μ I + β Σ)⁻¹ P,  μ = λ · tr(G) / n_tokens,  Σ = mean k kᵀ over ordinary text (0 unless β > 0)
+    with memory_values = m > 0, C = Σ_t (R e_t) k_tᵀ (m × k) and ΔW = η · Rᵀ C (G + μ I + β Σ)⁻¹ P, R random
+    (m × d_out) with E[Rᵀ R] = I: a smaller state, whose pushes carry some cross-talk toward other tokens
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
 resembles one in the context, the residual stream is pushed toward the token that followed there. β Σ adds the cost
 of the map's output on β tokens of ordinary text (β E‖W k‖² over it): directions every text uses are pushed less,
@@ -52,6 +54,17 @@ class NextTokenMemory(nn.Module):
         self.in_features, self.out_features = dict(in_features), dict(out_features)
         self._projection_names = {name: f"projection_{i}" for i, name in enumerate(self.in_features)}
         self._background_names = {name: f"{BACKGROUND_PREFIX}{i}" for i, name in enumerate(self.in_features)}
+        self._value_projection_names = {name: f"value_projection_{i}" for i, name in enumerate(self.in_features)}
+        narrowest = min(self.out_features.values(), default=0)
+        if config.memory_values >= narrowest > 0:
+            raise GenAdapterError(
+                f"memory_values {config.memory_values} must be below the memory modules' output width {narrowest}"
+            )
+        value_rng = torch.Generator().manual_seed(config.seed + 2)  # its own stream: P's draws stay as they were
+        for name, d_out in self.out_features.items():
+            if config.memory_values:  # rebuilt from the seed, never saved; entries N(0, 1/m), so E[Rᵀ R] = I
+                projection = torch.randn(config.memory_values, d_out, generator=value_rng) / config.memory_values**0.5
+                self.register_buffer(self._value_projection_names[name], projection, persistent=False)
         rng = torch.Generator().manual_seed(config.seed + 1)
         for name, d_in in self.in_features.items():
             if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small
@@ -70,6 +83,10 @@ class NextTokenMemory(nn.Module):
 
     def projection(self, name: str) -> Tensor | None:
         return getattr(self, self._projection_names[name]) if self.config.memory_keys else None
+
+    def value_projection(self, name: str) -> Tensor | None:
+        """R (m, d_out) of one module; None when the full targets are stored (memory_values 0)."""
+        return getattr(self, self._value_projection_names[name]) if self.config.memory_values else None
 
     def background(self, name: str) -> Tensor:
         """Σ (k, k) of one module; only when memory_background > 0."""
@@ -92,13 +109,16 @@ class NextTokenMemory(nn.Module):
     def key_width(self, name: str) -> int:
         return self.config.memory_keys or self.in_features[name]
 
+    def value_width(self, name: str) -> int:
+        return self.config.memory_values or self.out_features[name]
+
     def empty_sums(self, rows: int | None = None, device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Zero C and G per module, with a leading dimension of `rows` when given (one sum per context)."""
         lead = () if rows is None else (rows,)
         sums = {}
         for name in self.module_names:
             k = self.key_width(name)
-            sums[memory_key(name, "values")] = torch.zeros(*lead, self.out_features[name], k, device=device)
+            sums[memory_key(name, "values")] = torch.zeros(*lead, self.value_width(name), k, device=device)
             sums[memory_key(name, "keys")] = torch.zeros(*lead, k, k, device=device)
         return sums
 
@@ -187,12 +207,14 @@ class NextTokenMemory(nn.Module):
 
         for name in self.module_names:
             k = keys[name][:, :-1] * pairs  # (N, T-1, k)
-            add(memory_key(name, "values"), torch.einsum("ntd,ntk->ndk", targets, k))
+            projection = self.value_projection(name)
+            stored = targets if projection is None else targets @ projection.to(targets.device).T  # (N, T-1, m)
+            add(memory_key(name, "values"), torch.einsum("ntd,ntk->ndk", stored, k))
             add(memory_key(name, "keys"), torch.einsum("ntj,ntk->njk", k, k))
 
     def maps(self, sums: dict[str, Tensor], num_tokens: int | Tensor) -> dict[str, Tensor]:
-        """W = η C (G + μI + βΣ)⁻¹ (..., d_out, k) per memory module, solved in fp64; zero where no token was
-        absorbed. num_tokens: an int, or one count per leading index of the sums."""
+        """W = η C (G + μI + βΣ)⁻¹ (..., d_out, k) per memory module (η Rᵀ C (…)⁻¹ with memory_values), solved in
+        fp64; zero where no token was absorbed. num_tokens: an int, or one count per leading index of the sums."""
         beta = self.config.memory_background
         if beta and not self.calibrated:
             raise GenAdapterError(
@@ -204,6 +226,9 @@ class NextTokenMemory(nn.Module):
             values, keys = sums[memory_key(name, "values")], sums[memory_key(name, "keys")]
             background = beta * self.background(name).double() if beta else None
             solved = solve_relative_ridge(keys, values.mT, num_tokens, self.config.memory_ridge, background).mT
+            projection = self.value_projection(name)
+            if projection is not None:  # (..., m, k) -> (..., d_out, k)
+                solved = projection.T.to(solved) @ solved
             out[memory_key(name, "map")] = (self.config.memory_scale * solved).to(values.dtype)  # η C (G + μI + βΣ)⁻¹
         return out
 

@@ -127,8 +127,10 @@ def generator_flops(generator, tokens: int, vocab_size: int) -> tuple[float, flo
     if memory is not None:
         for name in memory.module_names:
             k, d_in, d_out = memory.key_width(name), memory.in_features[name], memory.out_features[name]
+            m = memory.value_width(name)
             keys = d_in * k if memory.projection(name) is not None else 0
-            absorb += 2.0 * tokens * (keys + d_out * k + k * k)
+            values = d_out * m if memory.value_projection(name) is not None else 0
+            absorb += 2.0 * tokens * (keys + values + m * k + k * k)
             adapter += 2.0 * (keys + k * d_out)
         if generator.config.memory_targets == "error":
             absorb += 2.0 * tokens * 2 * vocab_size * generator.hidden_size
