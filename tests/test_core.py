@@ -1,10 +1,14 @@
+import json
+
 import pytest
 import torch
-from conftest import TEXT_A, TEXT_B, make_adapter
+from conftest import MEMORY, TEXT_A, TEXT_B, make_adapter
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from genadapter import ContextState, GenAdapterError, IncompatibleStateError
 from genadapter.adapter import MERGE_MIN_NEW_TOKENS
+from genadapter.memory import memory_key
 
 
 def test_untrained_generator_leaves_the_model_exactly_unchanged():
@@ -156,6 +160,37 @@ def test_half_precision_state_keeps_every_entry_within_its_bound(ga):
         bound = 2**-11 * exact.abs() + 2**-25 * exact.abs().max()
         assert ((got - exact).abs() <= bound).all(), name
     assert ContextState.from_bytes(loaded.to_bytes(half=True)).allclose(loaded, rtol=0, atol=0)  # stable
+
+
+def test_symmetric_sums_are_stored_as_their_upper_triangle():
+    """The memory's key Gram G = Σ k kᵀ is exactly symmetric: files keep its upper triangle (k (k + 1) / 2 entries)
+    and lose nothing, in float32 and in float16; sums that are not symmetric (the write's S) are kept whole."""
+    ga = make_adapter(**MEMORY)
+    state = ga.absorb(TEXT_A)
+    gram = memory_key(ga.generator.memory.module_names[0], "keys")
+    for half in (False, True):
+        data = state.to_bytes(half=half)
+        stored = load_safetensors(data)
+        assert stored[gram].shape == (8 * 9 // 2,)
+        assert all(stored[key].shape == value.shape for key, value in state.sums.items() if key != gram)
+        loaded = ContextState.from_bytes(data)
+        assert torch.equal(loaded.sums[gram], loaded.sums[gram].mT)
+    assert ContextState.from_bytes(state.to_bytes()).allclose(state, rtol=0, atol=0)
+
+
+def test_state_files_written_before_packing_still_load():
+    """Formats /1 (float32) and /2 (float16) hold every sum whole; they read back as the packed formats do."""
+    ga = make_adapter(**MEMORY)
+    state = ga.absorb(TEXT_A)
+    whole = {key: value.contiguous() for key, value in state.sums.items()}
+    assert ContextState.from_bytes(save_safetensors(whole, metadata=state.metadata("genadapter-state/1"))).allclose(
+        state, rtol=0, atol=0
+    )
+    scales = {key: float(value.abs().max()) for key, value in whole.items()}
+    halves = {key: (value / scales[key]).half() for key, value in whole.items()}
+    metadata = state.metadata("genadapter-state/2") | {"scales": json.dumps(scales)}
+    old_half = ContextState.from_bytes(save_safetensors(halves, metadata=metadata))
+    assert old_half.allclose(ContextState.from_bytes(state.to_bytes(half=True)), rtol=0, atol=0)
 
 
 def test_states_of_other_generators_do_not_mix(ga):

@@ -19,8 +19,36 @@ from torch import Tensor
 from .errors import GenAdapterError, IncompatibleStateError, StateFileError
 from .fileio import write_atomic
 
-FORMAT = "genadapter-state/1"  # float32 sums
-HALF_FORMAT = "genadapter-state/2"  # float16 sums, each tensor divided by its largest magnitude (kept in metadata)
+FORMAT = "genadapter-state/3"  # float32 sums; symmetric ones (the memory's key Gram G) as their upper triangle
+HALF_FORMAT = "genadapter-state/4"  # as /3 in float16, each tensor divided by its largest magnitude (in metadata)
+READABLE_FORMATS = {  # format -> stored in float16; /1 and /2 (before packing) hold every sum in full
+    "genadapter-state/1": False,
+    "genadapter-state/2": True,
+    FORMAT: False,
+    HALF_FORMAT: True,
+}
+
+
+def is_symmetric(tensor: Tensor) -> bool:
+    return tensor.dim() >= 2 and tensor.shape[-1] == tensor.shape[-2] and torch.equal(tensor, tensor.mT)
+
+
+def pack_symmetric(tensor: Tensor) -> Tensor:
+    """(..., n, n) symmetric -> (..., n (n + 1) / 2), its upper triangle row by row."""
+    rows, cols = torch.triu_indices(tensor.shape[-1], tensor.shape[-1])
+    return tensor[..., rows, cols].contiguous()
+
+
+def unpack_symmetric(packed: Tensor) -> Tensor:
+    """Inverse of pack_symmetric."""
+    n = int(((8 * packed.shape[-1] + 1) ** 0.5 - 1) / 2)
+    if n * (n + 1) // 2 != packed.shape[-1]:
+        raise ValueError(f"{packed.shape[-1]} entries are no packed upper triangle")
+    rows, cols = torch.triu_indices(n, n)
+    full = packed.new_zeros(*packed.shape[:-1], n, n)
+    full[..., rows, cols] = packed
+    full[..., cols, rows] = packed
+    return full
 
 
 @dataclass
@@ -99,15 +127,22 @@ class ContextState:
         }
 
     def to_bytes(self, half: bool = False) -> bytes:
-        """safetensors bytes. `half` stores each sum as float16 after dividing it by its largest magnitude: half
-        the bytes, and no entry out of float16's range however many tokens were summed; an entry x comes back within
-        2⁻¹¹·|x| + 2⁻²⁵·max|x| of itself (float32 keeps 2⁻²⁴·|x|). Loading gives float32 sums again."""
+        """safetensors bytes. A sum that is exactly symmetric (the memory's key Gram G = Σ k kᵀ) is stored as its
+        upper triangle: nothing lost, about half its bytes. `half` stores each sum as float16 after dividing it by its
+        largest magnitude: half the bytes, and no entry out of float16's range however many tokens were summed; an
+        entry x comes back within 2⁻¹¹·|x| + 2⁻²⁵·max|x| of itself (float32 keeps 2⁻²⁴·|x|). Loading gives the full
+        float32 sums again."""
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.sums.items()}
+        symmetric = sorted(k for k, v in tensors.items() if is_symmetric(v))
+        tensors |= {k: pack_symmetric(tensors[k]) for k in symmetric}
+        packing = {"symmetric": json.dumps(symmetric)}
         if not half:
-            return save(tensors, metadata=self.metadata())
+            return save(tensors, metadata=self.metadata() | packing)
         scales = {k: float(v.abs().max()) or 1.0 for k, v in tensors.items()}
         halves = {k: (v / scales[k]).half() for k, v in tensors.items()}
-        return save(halves, metadata={**self.metadata(HALF_FORMAT), "scales": json.dumps(scales, sort_keys=True)})
+        return save(
+            halves, metadata=self.metadata(HALF_FORMAT) | packing | {"scales": json.dumps(scales, sort_keys=True)}
+        )
 
     def save(self, path: str | Path) -> None:
         """Write safetensors atomically: the file is complete or not there at all."""
@@ -130,12 +165,13 @@ class ContextState:
         except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
             raise StateFileError(f"{source} is not a valid genadapter state (corrupted or truncated)") from exc
         fmt = metadata.get("format")
-        if fmt not in (FORMAT, HALF_FORMAT):
-            raise StateFileError(f"{source} is not a genadapter state file")
+        if fmt not in READABLE_FORMATS:
+            raise StateFileError(f"{source} is not a genadapter state file (or one from a newer genadapter)")
         try:
-            if fmt == HALF_FORMAT:
+            if READABLE_FORMATS[fmt]:
                 scales = json.loads(metadata["scales"])
                 tensors = {k: v.float() * scales[k] for k, v in tensors.items()}
+            tensors |= {k: unpack_symmetric(tensors[k]) for k in json.loads(metadata.get("symmetric", "[]"))}
             return cls(
                 sums=tensors,
                 num_tokens=int(metadata["num_tokens"]),
