@@ -115,9 +115,10 @@ class GeneratorConfig:
     memory_values: int = field(
         default=0,
         metadata={
-            "help": "Width m of the stored next-token targets: each memory module keeps R e (R random, m x d_out, "
-            "E[R^T R] = I) instead of e, and expands the solved map by R^T, so C shrinks from d_out x k to m x k at "
-            "the cost of cross-talk between tokens; 0 stores the full targets. Σ is unaffected (it lives on the keys)."
+            "help": "Width m of the stored next-token targets: each memory module keeps R e (R: m random orthonormal "
+            "rows of length d_out, scaled so that E[R^T R] = I) instead of e, and expands the solved map by R^T, so "
+            "C shrinks from d_out x k to m x k at the cost of cross-talk between tokens; 0 stores the full targets. "
+            "Σ is unaffected (it lives on the keys)."
         },
     )
     memory_learned_keys: bool = field(

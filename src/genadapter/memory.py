@@ -7,7 +7,7 @@ For an adapted linear y = W x in one of the last `memory_layers` layers, while t
     state:  C = Σ_t e_t k_tᵀ (d_out × k),  G = Σ_t k_t k_tᵀ (k × k)   (sums: they add and subtract like S)
     ΔW = η · C (G + μ I + β Σ)⁻¹ P,  μ = λ · tr(G) / n_tokens,  Σ = mean k kᵀ over ordinary text (0 unless β > 0)
     with memory_values = m > 0, C = Σ_t (R e_t) k_tᵀ (m × k) and ΔW = η · Rᵀ C (G + μ I + β Σ)⁻¹ P, R random
-    (m × d_out) with E[Rᵀ R] = I: a smaller state, whose pushes carry some cross-talk toward other tokens
+    orthonormal rows scaled so that E[Rᵀ R] = I (m × d_out): a smaller state, whose pushes lean toward other tokens
 i.e. the ridge-regression map from the context's module inputs to its next tokens. At a position whose module input
 resembles one in the context, the residual stream is pushed toward the token that followed there. β Σ adds the cost
 of the map's output on β tokens of ordinary text (β E‖W k‖² over it): directions every text uses are pushed less,
@@ -62,9 +62,12 @@ class NextTokenMemory(nn.Module):
             )
         value_rng = torch.Generator().manual_seed(config.seed + 2)  # its own stream: P's draws stay as they were
         for name, d_out in self.out_features.items():
-            if config.memory_values:  # rebuilt from the seed, never saved; entries N(0, 1/m), so E[Rᵀ R] = I
-                projection = torch.randn(config.memory_values, d_out, generator=value_rng) / config.memory_values**0.5
-                self.register_buffer(self._value_projection_names[name], projection, persistent=False)
+            if config.memory_values:  # rebuilt from the seed, never saved
+                # orthonormal rows scaled by √(d_out / m): E[Rᵀ R] = I, and a push's cross-talk is √((d_out − m) / m)
+                # of its size, where Gaussian entries would give about √((d_out + 1) / m)
+                gaussian = torch.randn(d_out, config.memory_values, generator=value_rng)
+                projection = torch.linalg.qr(gaussian).Q.T * (d_out / config.memory_values) ** 0.5  # (m, d_out)
+                self.register_buffer(self._value_projection_names[name], projection.contiguous(), persistent=False)
         rng = torch.Generator().manual_seed(config.seed + 1)
         for name, d_in in self.in_features.items():
             if config.memory_keys:  # a random (Johnson-Lindenstrauss) projection keeps the state small
