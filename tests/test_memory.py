@@ -123,13 +123,20 @@ def test_background_without_calibration_or_memory_is_a_clear_error():
         make_adapter(**MEMORY, memory_background=-1.0)
 
 
+def save_calibrated(tiny_dirs, directory, overrides: dict) -> GenerativeAdapter:
+    """The tiny generator with `overrides`, its Σ measured on TEXT_A, saved to `directory`; returns the adapter."""
+    base, gen = tiny_dirs
+    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=overrides)
+    ga.calibrate_memory(TEXT_A)
+    ga.generator.save(directory)
+    return ga
+
+
 def test_a_calibrated_generator_saves_its_background_and_loads_with_it_off(tiny_dirs, tmp_path):
     """Σ travels with the weights; a generator loaded with β = 0 ignores it and is the plain memory generator, and
     one loaded with β > 0 but no Σ on disk says it needs calibrating when used."""
     base, gen = tiny_dirs
-    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
-    ga.calibrate_memory(TEXT_A)
-    ga.generator.save(tmp_path / "calibrated")
+    ga = save_calibrated(tiny_dirs, tmp_path / "calibrated", BACKGROUND)
     loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated")
     assert loaded.fingerprint == ga.fingerprint
     state = ga.absorb(TEXT_B)
@@ -157,9 +164,7 @@ def test_other_key_projections_drop_the_saved_background_and_measure_their_own(t
     says it needs calibrating when used, and calibrated again equals one calibrated from the start."""
     base, gen = tiny_dirs
     saved = BACKGROUND | {"memory_layers": 2}
-    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=saved)
-    ga.calibrate_memory(TEXT_A)
-    ga.generator.save(tmp_path / "calibrated")
+    save_calibrated(tiny_dirs, tmp_path / "calibrated", saved)
     loaded = GenerativeAdapter.from_pretrained(base=str(base), generator=tmp_path / "calibrated", overrides=change)
     assert not loaded.generator.memory.calibrated
     with pytest.raises(GenAdapterError, match="calibrate_memory"):
@@ -177,9 +182,7 @@ def test_fewer_stored_values_keep_the_saved_background_and_shrink_the_state(tiny
     m × k; R's rows are orthogonal, scaled so that E[Rᵀ R] = I (pushes keep their full-width size on average); and
     states made without it are refused."""
     base, gen = tiny_dirs
-    ga = GenerativeAdapter.from_pretrained(base=str(base), generator=gen, overrides=BACKGROUND)
-    ga.calibrate_memory(TEXT_A)
-    ga.generator.save(tmp_path / "calibrated")
+    ga = save_calibrated(tiny_dirs, tmp_path / "calibrated", BACKGROUND)
     narrow = GenerativeAdapter.from_pretrained(
         base=str(base), generator=tmp_path / "calibrated", overrides={"memory_values": 16}
     )
