@@ -516,6 +516,26 @@ def test_finalize_rebuilds_a_run_that_continued_a_generator_with_overrides(tiny_
     assert json.loads((tmp_path / "run" / "generator" / "heldout_metrics.json").read_text())["step"] == 2
 
 
+def test_finalize_writes_the_weights_before_the_held_out_scoring(tiny_dirs, tmp_path, monkeypatch):
+    """A run stopped while its final held-out scoring runs keeps its generator, without the metrics file that marks a
+    finished one (the ablation re-runs such a variant, the scaling curve skips such a milestone)."""
+    from genadapter.train.loop import HeldOut
+
+    base, gen = tiny_dirs
+    config = tiny_train_config(base, tmp_path / "run", steps=2, init_generator=str(gen))
+
+    def stopped(self, ga):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(HeldOut, "evaluate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    out = tmp_path / "run" / "generator"
+    assert (out / "generator.safetensors").is_file() and (out / "train_config.json").is_file()
+    assert not (out / "heldout_metrics.json").exists()
+    GenerativeAdapter.from_pretrained(base=str(base), generator=out)  # a complete generator directory
+
+
 def test_training_with_a_memory_background_calibrates_it_once_on_training_text(tiny_dirs, tmp_path, monkeypatch):
     """A run that switches memory_background on measures Σ before its first step (on the training split, the same
     Σ calibrate_memory gives there) and ships it with the weights; it does not fail for want of a calibration, and a

@@ -451,13 +451,16 @@ def finalize(
     directories: Sequence[Path] = (),
     record: dict | None = None,
 ) -> dict[str, float]:
-    """Evaluate on the held-out set and write the generator directory (weights, configs, metrics, plus `record`'s
-    fields) to each of `directories` (default: output_dir/generator)."""
+    """Write the generator directory (weights, configs, then the held-out metrics plus `record`'s fields) to each of
+    `directories` (default: output_dir/generator). The weights go first: the scoring can take many minutes, and a
+    run stopped during it keeps its generator; heldout_metrics.json is written last, as the mark of a finished one."""
     ga.generator.eval()
-    metrics = (heldout or HeldOut(ga, config)).evaluate(ga)
-    for directory in directories or [Path(config.output_dir) / "generator"]:
+    directories = list(directories) or [Path(config.output_dir) / "generator"]
+    for directory in directories:
         ga.generator.save(directory, dtype=getattr(torch, config.save_dtype))
         config.save(directory / "train_config.json")
+    metrics = (heldout or HeldOut(ga, config)).evaluate(ga)
+    for directory in directories:
         (directory / "heldout_metrics.json").write_text(json.dumps({**metrics, **(record or {})}, indent=2) + "\n")
     return metrics
 
