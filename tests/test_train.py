@@ -26,7 +26,7 @@ from genadapter.train.data import (
     pretrain_documents,
 )
 from genadapter.train.facts import OpenValues, fact_questions
-from genadapter.train.loop import GeneratorTrainer, TrainingError, build_adapter, forward_backward, train
+from genadapter.train.loop import GeneratorTrainer, HeldOut, TrainingError, build_adapter, forward_backward, train
 from genadapter.train.objectives import (
     AnswerBatch,
     adapted_logits,
@@ -519,8 +519,6 @@ def test_finalize_rebuilds_a_run_that_continued_a_generator_with_overrides(tiny_
 def test_finalize_writes_the_weights_before_the_held_out_scoring(tiny_dirs, tmp_path, monkeypatch):
     """A run stopped while its final held-out scoring runs keeps its generator, without the metrics file that marks a
     finished one (the ablation re-runs such a variant, the scaling curve skips such a milestone)."""
-    from genadapter.train.loop import HeldOut
-
     base, gen = tiny_dirs
     config = tiny_train_config(base, tmp_path / "run", steps=2, init_generator=str(gen))
 
@@ -685,8 +683,6 @@ def test_heldout_scores_the_directorys_generator_not_the_runs_overrides(tiny_dir
 
 
 def test_more_fact_f1_items_extend_the_default_draw():
-    from genadapter.train.loop import HeldOut
-
     ga = make_adapter()
     config = tiny_train_config("unused", "unused", heldout_docs=20)
     default, longer = HeldOut(ga, config), HeldOut(ga, config, fact_f1_items=40)
